@@ -1,0 +1,75 @@
+"""The sans-IO protocol core: descriptors, control messages, the codec and the Session.
+
+Frames in, events out; time is passed in. Nothing here does I/O or imports an event loop, so
+two Sessions can be joined in a test with no loop at all (ARCHITECTURE.md sections 3-4).
+"""
+
+from __future__ import annotations
+
+from rapace.wire._control import PROTOCOL_VERSION as PROTOCOL_VERSION
+from rapace.wire._control import CallKind as CallKind
+from rapace.wire._control import CancelChannel as CancelChannel
+from rapace.wire._control import CancelReason as CancelReason
+from rapace.wire._control import CloseChannel as CloseChannel
+from rapace.wire._control import ControlMessage as ControlMessage
+from rapace.wire._control import GoAway as GoAway
+from rapace.wire._control import GoAwayReason as GoAwayReason
+from rapace.wire._control import GrantCredits as GrantCredits
+from rapace.wire._control import Hello as Hello
+from rapace.wire._control import HelloLimits as HelloLimits
+from rapace.wire._control import MethodEntry as MethodEntry
+from rapace.wire._control import OpenChannel as OpenChannel
+from rapace.wire._control import Ping as Ping
+from rapace.wire._control import Pong as Pong
+from rapace.wire._control import Role as Role
+from rapace.wire._control import Verb as Verb
+from rapace.wire._control import decode_control as decode_control
+from rapace.wire._control import encode_control as encode_control
+from rapace.wire._descriptor import DEADLINE_NONE as DEADLINE_NONE
+from rapace.wire._descriptor import DESCRIPTOR_SIZE as DESCRIPTOR_SIZE
+from rapace.wire._descriptor import INLINE_MAX as INLINE_MAX
+from rapace.wire._descriptor import SLOT_INLINE as SLOT_INLINE
+from rapace.wire._descriptor import Descriptor as Descriptor
+from rapace.wire._descriptor import DescriptorLimits as DescriptorLimits
+from rapace.wire._descriptor import Flags as Flags
+from rapace.wire._descriptor import Frame as Frame
+from rapace.wire._descriptor import decode_descriptor as decode_descriptor
+from rapace.wire._descriptor import encode_descriptor as encode_descriptor
+from rapace.wire._descriptor import validate_descriptor as validate_descriptor
+from rapace.wire._error_payload import ErrorPayload as ErrorPayload
+from rapace.wire._method_id import method_id as method_id
+
+__all__ = (
+    "DEADLINE_NONE",
+    "DESCRIPTOR_SIZE",
+    "INLINE_MAX",
+    "PROTOCOL_VERSION",
+    "SLOT_INLINE",
+    "CallKind",
+    "CancelChannel",
+    "CancelReason",
+    "CloseChannel",
+    "ControlMessage",
+    "Descriptor",
+    "DescriptorLimits",
+    "ErrorPayload",
+    "Flags",
+    "Frame",
+    "GoAway",
+    "GoAwayReason",
+    "GrantCredits",
+    "Hello",
+    "HelloLimits",
+    "MethodEntry",
+    "OpenChannel",
+    "Ping",
+    "Pong",
+    "Role",
+    "Verb",
+    "decode_control",
+    "decode_descriptor",
+    "encode_control",
+    "encode_descriptor",
+    "method_id",
+    "validate_descriptor",
+)
