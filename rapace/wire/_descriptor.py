@@ -164,11 +164,14 @@ def encode_descriptor(desc: Descriptor, payload: Buffer = b"") -> bytes:
             desc.deadline_ns,
             inline,
         )
+    # A payload that does not fit inline must not keep the inline sentinel; stream
+    # transports, which have no slots, send slot 0 ("the bytes follow the descriptor").
+    slot = desc.payload_slot if desc.payload_slot != SLOT_INLINE else 0
     return _pack(
         desc.msg_id,
         desc.channel_id,
         desc.method_id,
-        desc.payload_slot,
+        slot,
         desc.payload_generation,
         desc.payload_offset,
         n,
