@@ -1,0 +1,157 @@
+"""Addresses, connecting and listening: ``tcp://host:port`` and ``unix:///path``.
+
+TCP listeners require a token (an HMAC challenge-response, see :mod:`rapace.streams._auth`);
+Unix sockets are protected by file permissions: the socket is created 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import anyio.abc
+
+from rapace._errors import RemoteProtocolError, Unauthenticated
+from rapace.streams._auth import accept_greeting, send_greeting
+from rapace.streams._framing import DEFAULT_MAX_FRAME_BYTES
+from rapace.streams._stream_transport import StreamTransport
+from rapace.streams._unix import UnixByteStream, connect_unix
+
+__all__ = ("Address", "connect_transport", "parse_address", "serve_transports")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    scheme: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+def parse_address(url: str) -> Address:
+    """Parse ``tcp://host:port`` or ``unix:///absolute/path``.
+
+    Raises:
+        ValueError: the URL names another scheme or lacks a part.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
+        if not path:
+            raise ValueError(f"{url!r}: a unix:// address needs a path, e.g. unix:///tmp/p.sock")
+        return Address("unix", path=path)
+    if parts.scheme == "tcp":
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"{url!r}: a tcp:// address needs a host and a port")
+        return Address("tcp", host=parts.hostname, port=parts.port)
+    raise ValueError(f"{url!r}: unsupported scheme (use tcp:// or unix://)")
+
+
+def _token_bytes(token: str | bytes | None) -> bytes | None:
+    if token is None:
+        return None
+    return token.encode() if isinstance(token, str) else bytes(token)
+
+
+async def connect_transport(
+    address: Address | str,
+    *,
+    token: str | bytes | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> StreamTransport:
+    """Connect, complete the greeting (and token proof), and return the transport.
+
+    Raises:
+        Unauthenticated: the listener refused the token, or wanted one and none was given.
+        OSError: nothing listens there.
+    """
+    if isinstance(address, str):
+        address = parse_address(address)
+    stream: anyio.abc.ByteStream
+    if address.scheme == "unix":
+        stream = await connect_unix(address.path)
+    else:
+        stream = await anyio.connect_tcp(address.host, address.port)
+    try:
+        initial = await accept_greeting(stream, _token_bytes(token))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return StreamTransport(stream, max_frame_bytes=max_frame_bytes, initial=initial)
+
+
+async def serve_transports(
+    address: Address | str,
+    handler: Callable[[StreamTransport], Awaitable[None]],
+    *,
+    token: str | bytes | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    task_status: anyio.abc.TaskStatus[Address] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen and run ``handler`` for each authenticated connection, each in its own task.
+
+    A connection that fails the greeting is closed without reaching ``handler``; a handler
+    that raises ends only its connection. Reports the bound address (with the real port
+    when 0 was asked for) through ``task_status``.
+
+    Raises:
+        ValueError: a TCP listener without a token.
+    """
+    if isinstance(address, str):
+        address = parse_address(address)
+    secret = _token_bytes(token)
+    listener: anyio.abc.Listener[anyio.abc.SocketStream]
+    if address.scheme == "unix":
+        listener = await anyio.create_unix_listener(address.path, mode=0o600)
+        bound = address
+    else:
+        if secret is None:
+            raise ValueError("a TCP listener requires a token (token=...)")
+        multi = await anyio.create_tcp_listener(local_host=address.host, local_port=address.port)
+        listener = multi
+        local = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
+        assert isinstance(local, tuple)  # an IP listener's address is (host, port, ...)
+        bound = Address("tcp", host=str(local[0]), port=int(local[1]))
+
+    async def serve_one(accepted: anyio.abc.SocketStream) -> None:
+        stream: anyio.abc.ByteStream = accepted
+        if address.scheme == "unix":
+            # See rapace.streams._unix for why anyio's own Unix stream is bypassed.
+            raw = accepted.extra(anyio.abc.SocketAttribute.raw_socket)
+            stream = UnixByteStream(raw, owner=accepted)
+        try:
+            try:
+                initial = await send_greeting(stream, secret)
+            except (Unauthenticated, anyio.BrokenResourceError, TimeoutError, OSError):
+                return  # refused or gone before it said anything useful: just close
+            transport = StreamTransport(stream, max_frame_bytes=max_frame_bytes, initial=initial)
+            # A peer that breaks the protocol or vanishes ends its own connection only.
+            with contextlib.suppress(
+                RemoteProtocolError, anyio.BrokenResourceError, anyio.EndOfStream
+            ):
+                await handler(transport)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.aclose()
+
+    try:
+        async with listener:
+            task_status.started(bound)
+            await listener.serve(serve_one)
+    finally:
+        if address.scheme == "unix":
+            # The socket file outlives its listener unless removed.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.path)
