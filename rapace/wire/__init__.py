@@ -38,33 +38,65 @@ from rapace.wire._descriptor import encode_descriptor as encode_descriptor
 from rapace.wire._descriptor import validate_descriptor as validate_descriptor
 from rapace.wire._error_payload import ErrorPayload as ErrorPayload
 from rapace.wire._method_id import method_id as method_id
+from rapace.wire._session import DEFAULT_LIMITS as DEFAULT_LIMITS
+from rapace.wire._session import DeadlineMode as DeadlineMode
+from rapace.wire._session import Session as Session
+from rapace.wire._session_events import CallReceived as CallReceived
+from rapace.wire._session_events import ChannelCancelled as ChannelCancelled
+from rapace.wire._session_events import CreditAvailable as CreditAvailable
+from rapace.wire._session_events import DeadlineExpired as DeadlineExpired
+from rapace.wire._session_events import EndOfStream as EndOfStream
+from rapace.wire._session_events import ErrorReceived as ErrorReceived
+from rapace.wire._session_events import Event as Event
+from rapace.wire._session_events import GoAwayReceived as GoAwayReceived
+from rapace.wire._session_events import HandshakeComplete as HandshakeComplete
+from rapace.wire._session_events import ItemReceived as ItemReceived
+from rapace.wire._session_events import PongReceived as PongReceived
+from rapace.wire._session_events import ResponseReceived as ResponseReceived
+from rapace.wire._session_events import SessionStatistics as SessionStatistics
 
 __all__ = (
     "DEADLINE_NONE",
+    "DEFAULT_LIMITS",
     "DESCRIPTOR_SIZE",
     "INLINE_MAX",
     "PROTOCOL_VERSION",
     "SLOT_INLINE",
     "CallKind",
+    "CallReceived",
     "CancelChannel",
     "CancelReason",
+    "ChannelCancelled",
     "CloseChannel",
     "ControlMessage",
+    "CreditAvailable",
+    "DeadlineExpired",
+    "DeadlineMode",
     "Descriptor",
     "DescriptorLimits",
+    "EndOfStream",
     "ErrorPayload",
+    "ErrorReceived",
+    "Event",
     "Flags",
     "Frame",
     "GoAway",
     "GoAwayReason",
+    "GoAwayReceived",
     "GrantCredits",
+    "HandshakeComplete",
     "Hello",
     "HelloLimits",
+    "ItemReceived",
     "MethodEntry",
     "OpenChannel",
     "Ping",
     "Pong",
+    "PongReceived",
+    "ResponseReceived",
     "Role",
+    "Session",
+    "SessionStatistics",
     "Verb",
     "decode_control",
     "decode_descriptor",
