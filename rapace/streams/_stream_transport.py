@@ -14,7 +14,6 @@ from typing import Final
 import anyio
 import anyio.abc
 
-from rapace._errors import RemoteProtocolError
 from rapace.streams._abc import DeadlineMode
 from rapace.streams._framing import DEFAULT_MAX_FRAME_BYTES, FrameReader, encode_frame
 from rapace.wire import Frame
@@ -86,12 +85,10 @@ class StreamTransport:
                     ) from None
                 raise
             except (OSError, anyio.BrokenResourceError) as exc:
-                raise anyio.BrokenResourceError(f"connection lost: {exc}") from exc
-            try:
-                frames = self._reader.feed(data)
-            except RemoteProtocolError:
-                await self.aclose()
-                raise
+                raise anyio.BrokenResourceError(str(exc)) from exc
+            # A RemoteProtocolError from the reader ends this connection; whoever owns the
+            # transport closes it (it may still want to say goodbye first).
+            frames = self._reader.feed(data)
             if frames:
                 return frames
 
