@@ -6,6 +6,10 @@ two Sessions can be joined in a test with no loop at all (ARCHITECTURE.md sectio
 
 from __future__ import annotations
 
+from rapace.wire._codec import CodecLimits as CodecLimits
+from rapace.wire._codec import Encoded as Encoded
+from rapace.wire._codec import TypeCodec as TypeCodec
+from rapace.wire._codec import codec_for as codec_for
 from rapace.wire._control import PROTOCOL_VERSION as PROTOCOL_VERSION
 from rapace.wire._control import CallKind as CallKind
 from rapace.wire._control import CancelChannel as CancelChannel
@@ -68,12 +72,14 @@ __all__ = (
     "CancelReason",
     "ChannelCancelled",
     "CloseChannel",
+    "CodecLimits",
     "ControlMessage",
     "CreditAvailable",
     "DeadlineExpired",
     "DeadlineMode",
     "Descriptor",
     "DescriptorLimits",
+    "Encoded",
     "EndOfStream",
     "ErrorPayload",
     "ErrorReceived",
@@ -97,7 +103,9 @@ __all__ = (
     "Role",
     "Session",
     "SessionStatistics",
+    "TypeCodec",
     "Verb",
+    "codec_for",
     "decode_control",
     "decode_descriptor",
     "encode_control",

@@ -285,7 +285,12 @@ class _Malformed(Exception):
 
 def _load_fields(verb: Verb, payload: Buffer) -> list[object]:
     try:
-        value = cbor2.loads(payload, max_depth=_MAX_CONTROL_DEPTH, allow_indefinite=False)
+        value = cbor2.loads(
+            payload,
+            max_depth=_MAX_CONTROL_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,  # the spec makes duplicate metadata keys an error
+        )
     except Exception as exc:  # cbor2 raises several types; all mean "malformed"
         raise RemoteProtocolError(
             f"undecodable {verb.name} payload: {exc}", status=Status.DECODE_ERROR
