@@ -6,6 +6,8 @@ names: no processes, no shared memory, no event loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rapace._errors import BrokenPluginPool as BrokenPluginPool
 from rapace._errors import CodecError as CodecError
 from rapace._errors import DeadlineExceeded as DeadlineExceeded
@@ -22,8 +24,30 @@ from rapace._errors import Unauthenticated as Unauthenticated
 from rapace._errors import Unavailable as Unavailable
 from rapace._errors import Unimplemented as Unimplemented
 from rapace._errors import WorkerCrashed as WorkerCrashed
+from rapace.service import Streaming as Streaming
+from rapace.service import describe as describe
+from rapace.service import service as service
+
+if TYPE_CHECKING:
+    from rapace._connect import connect as connect
+    from rapace._connect import serve as serve
 
 __version__ = "0.1.0.dev0"
+
+# Loaded on first use: importing rapace (or rapace.wire) must not pull in an event loop.
+_LAZY = {"connect": "rapace._connect", "serve": "rapace._connect"}
+
+
+def __getattr__(name: str) -> object:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'rapace' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = (
     "BrokenPluginPool",
@@ -38,8 +62,13 @@ __all__ = (
     "RemoteError",
     "RemoteProtocolError",
     "Status",
+    "Streaming",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "WorkerCrashed",
+    "connect",
+    "describe",
+    "serve",
+    "service",
 )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any
 
 import pytest
 
-from rapace import service as service_module
 from rapace.service import (
     ServiceDefinitionError,
     Streaming,
@@ -178,6 +178,10 @@ def test_unsupported_signatures_fail_at_decoration(body: dict[str, Any], message
     with pytest.raises(ServiceDefinitionError, match=message) as info:
         _define(body)
     assert "Bad.f" in str(info.value)
+
+
+# `rapace.service` is the decorator; the module of the same name lives in sys.modules.
+service_module = sys.modules["rapace.service"]
 
 
 def test_method_id_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

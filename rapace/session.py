@@ -1,0 +1,927 @@
+"""RpcSession: drives one sans-IO wire Session over one Transport inside an anyio task group.
+
+::
+
+    caller tasks ──open_call/send_item──┐                 ┌── receive loop (the only reader)
+                                        ▼                 │      wire.receive_frame -> events
+                              wire.Session (state) ◀──────┘      -> wake callers / start handlers
+                                        │ frames_to_send
+                                        ▼
+                                  write loop (the only writer, coalesces every queued frame
+                                  into one transport.send)
+
+- One task owns receiving; one task owns writing. Everything else only changes the wire
+  Session's state and wakes the writer, so a caller never blocks on the transport and a
+  cancelled caller can never leave half a frame on it.
+- Each incoming call runs in its own task; plain ``def`` handlers run in a worker thread, so
+  the session keeps answering pings, cancellations and other calls meanwhile. A cancelled
+  plain handler cannot be interrupted: its caller is released at once and its result dropped.
+- Deadlines: a call made under ``anyio.fail_after``/``move_on_after`` sends the remaining time
+  with the request (read with ``anyio.current_effective_deadline``, so trio's clock works too);
+  the handler runs under a cancel scope with that deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar
+
+import anyio
+import anyio.abc
+
+from rapace._errors import (
+    DeadlineExceeded,
+    DecodeError,
+    EncodeError,
+    LocalProtocolError,
+    RapaceError,
+    RemoteProtocolError,
+    Status,
+    Unavailable,
+    Unimplemented,
+)
+from rapace._remote_errors import rebuild_exception
+from rapace.service import MethodSpec, ServiceSpec, bind_arguments, service_spec
+from rapace.streams._abc import Transport
+from rapace.wire import CancelReason, ErrorPayload, GoAwayReason, HelloLimits, Role
+from rapace.wire._codec import TypeCodec, codec_for
+from rapace.wire._session import Session
+from rapace.wire._session_events import (
+    CallReceived,
+    ChannelCancelled,
+    CreditAvailable,
+    DeadlineExpired,
+    EndOfStream,
+    ErrorReceived,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    ItemReceived,
+    PongReceived,
+    ResponseReceived,
+)
+
+__all__ = ("RemoteStream", "RpcSession", "open_session")
+
+T = TypeVar("T")
+
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+GOODBYE_GRACE_S: Final = 5.0
+ITERATOR_CLOSE_GRACE_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MethodCodecs:
+    """The codecs of one method, built once per method and reused for every call."""
+
+    args: TypeCodec[Any]
+    result: TypeCodec[Any]
+    request_item: TypeCodec[Any] | None
+    response_item: TypeCodec[Any] | None
+
+    @classmethod
+    def for_method(cls, spec: MethodSpec) -> MethodCodecs:
+        value_types = tuple(p.annotation for p in spec.value_params)
+        stream = spec.stream_param
+        return cls(
+            args=codec_for(tuple[value_types] if value_types else tuple[()], root="args"),  # type: ignore[valid-type]
+            result=codec_for(spec.returns, root="result"),
+            request_item=codec_for(stream.annotation, root=f"{stream.name}[item]")
+            if stream is not None
+            else None,
+            response_item=codec_for(spec.returns, root="result[item]")
+            if spec.kind.handler_streams
+            else None,
+        )
+
+
+# Keyed by the spec's identity (two services may share a name and ids): the spec is kept in
+# the value so the id cannot be reused while the entry lives.
+_codec_cache: dict[int, tuple[MethodSpec, MethodCodecs]] = {}
+
+
+def _codecs(spec: MethodSpec) -> MethodCodecs:
+    entry = _codec_cache.get(id(spec))
+    if entry is None:
+        entry = _codec_cache[id(spec)] = (spec, MethodCodecs.for_method(spec))
+    return entry[1]
+
+
+class _Inbox:
+    """Items and the end of one receiving direction of a channel, with one waiter."""
+
+    __slots__ = ("done", "error", "items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[Any] = deque()
+        self.done = False
+        self.error: BaseException | None = None
+        self.waiter: anyio.Event | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.set()
+
+    async def wait(self) -> None:
+        waiter = self.waiter = anyio.Event()
+        await waiter.wait()
+
+
+class _CallerState:
+    """A call this side made, from open to its terminal frame."""
+
+    __slots__ = ("channel_id", "credit", "inbox", "response", "spec")
+
+    def __init__(self, channel_id: int, spec: MethodSpec) -> None:
+        self.channel_id = channel_id
+        self.spec = spec
+        self.inbox = _Inbox()  # stream items (server/bidi) and the outcome
+        self.response: Any = None
+        self.credit: anyio.Event | None = None
+
+
+class _HandlerState:
+    """A call the peer made that this side is serving."""
+
+    __slots__ = ("cancel_reason", "credit", "inbox", "scope")
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.inbox = _Inbox()  # the caller's stream items (client/bidi)
+        self.credit: anyio.Event | None = None
+        self.cancel_reason: CancelReason | None = None
+
+
+class RpcSession:
+    """One connection to a peer: calls out through a proxy, calls in to ``serve``.
+
+    Use :func:`open_session` to run one; the constructor only prepares state.
+
+    Args:
+        transport: a connected transport; the session owns it and closes it.
+        role: INITIATOR on the side that connected, ACCEPTOR on the other.
+        serve: a service instance whose methods the peer may call, or None.
+        call_timeout: a default deadline in seconds for every call made through this
+            session; exceeding it raises :class:`rapace.DeadlineExceeded`.
+        ping_interval: seconds between keep-alive pings; a peer that does not answer within
+            ``ping_interval`` is considered dead and the session closes. None disables.
+        limits: what this side is prepared to receive (window, payload size, channels).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        role: Role,
+        serve: object | None = None,
+        call_timeout: float | None = None,
+        ping_interval: float | None = None,
+        limits: HelloLimits | None = None,
+    ) -> None:
+        self._transport = transport
+        self._serve = serve
+        self._spec: ServiceSpec | None = service_spec(serve) if serve is not None else None
+        self._wire = Session(
+            role,
+            methods=self._spec.method_table() if self._spec is not None else (),
+            limits=limits or HelloLimits(),
+            deadline_mode=transport.deadline_mode,
+        )
+        self._call_timeout = call_timeout
+        self._ping_interval = ping_interval
+        self._calls: dict[int, _CallerState] = {}
+        self._handlers: dict[int, _HandlerState] = {}
+        self._writer_wakeup: anyio.Event | None = None
+        self._handshake = anyio.Event()
+        self._closed = anyio.Event()
+        self._close_reason: BaseException | None = None
+        self._pong: anyio.Event | None = None
+        # Set (and dropped) when the last call or handler finishes, for a graceful close.
+        self._idle: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def peer_methods(self) -> Mapping[int, str]:
+        hello = self._wire.peer_hello
+        return {m.method_id: m.name for m in hello.methods} if hello is not None else {}
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection ends (peer gone, protocol error, or closed here)."""
+        await self._closed.wait()
+
+    async def call(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """Call a unary or client-streaming method and return its result.
+
+        A cancellation point: cancelling the calling task cancels the handler on the peer.
+
+        Raises:
+            DeadlineExceeded: ``call_timeout`` passed.
+            Unavailable: the connection was lost or the peer is shutting down.
+            Exception: whatever the handler raised, rebuilt (see ``rapace.RemoteError``).
+        """
+        if spec.kind.handler_streams:
+            raise TypeError(f"{spec.qualified_name} streams its results: iterate it instead")
+        codecs = _codecs(spec)
+        values = _bind(spec, args, kwargs)
+        stream_source = _pop_stream(spec, values)
+        payload = _encode(codecs.args, tuple(values))
+        if self._call_timeout is None:
+            # The common case: no scope of our own, only the caller's deadline (if any).
+            state = self._open(spec, payload, _deadline_ns())
+            try:
+                await self._wait_call(state, stream_source, codecs)
+            except BaseException:
+                self._abandon(state, None)
+                raise
+            return _decode(codecs.result, state.response)
+        with anyio.CancelScope(deadline=anyio.current_time() + self._call_timeout) as scope:
+            state = self._open(spec, payload, _deadline_ns())
+            try:
+                await self._wait_call(state, stream_source, codecs)
+            except BaseException:
+                self._abandon(state, scope)
+                raise
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(
+                f"{spec.qualified_name} did not finish within {self._call_timeout} s"
+            )
+        return _decode(codecs.result, state.response)
+
+    async def _wait_call(
+        self,
+        state: _CallerState,
+        stream_source: Iterable[Any] | AsyncIterable[Any] | None,
+        codecs: MethodCodecs,
+    ) -> None:
+        if stream_source is not None:
+            assert codecs.request_item is not None
+            async with anyio.create_task_group() as tg:
+                # The async iterable is consumed here, in the caller's task group.
+                tg.start_soon(self._pump_caller_items, state, stream_source, codecs.request_item)
+                await self._wait_outcome(state, raise_error=False)
+                tg.cancel_scope.cancel()
+        await self._wait_outcome(state)
+
+    def stream(
+        self, spec: MethodSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> RemoteStream[Any]:
+        """Call a server- or bidi-streaming method; iterate the returned stream.
+
+        The call is sent when iteration starts. Closing the stream (or leaving an ``async for``
+        early) cancels the producer on the peer.
+        """
+        if not spec.kind.handler_streams:
+            raise TypeError(f"{spec.qualified_name} returns one result: await it instead")
+        values = _bind(spec, args, kwargs)
+        stream_source = _pop_stream(spec, values)
+        return RemoteStream(self, spec, tuple(values), stream_source)
+
+    async def aclose(self) -> None:
+        """Say goodbye (GoAway), give calls in flight a bounded grace, then close."""
+        if self.closed:
+            return
+        if not self._wire.closed:
+            with contextlib.suppress(RapaceError):
+                self._wire.go_away(GoAwayReason.SHUTDOWN, "closing")
+            self._kick()
+        with anyio.move_on_after(GOODBYE_GRACE_S):
+            while self._calls or self._handlers:
+                idle = self._idle = anyio.Event()
+                await idle.wait()
+        self._shutdown(Unavailable("the session was closed"))
+        with anyio.CancelScope(shield=True):
+            await self._transport.aclose()
+
+    # --------------------------------------------------------------- run loops
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            tg.start_soon(self._write_loop)
+            tg.start_soon(self._receive_loop)
+            self._kick()
+            with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await self._handshake.wait()
+            if self._close_reason is not None:
+                raise self._close_reason
+            if self._ping_interval is not None:
+                tg.start_soon(self._ping_loop, self._ping_interval)
+            task_status.started()
+            await self._closed.wait()
+            tg.cancel_scope.cancel()
+
+    async def _write_loop(self) -> None:
+        wire = self._wire
+        transport = self._transport
+        while True:
+            frames = wire.frames_to_send()
+            if frames:
+                try:
+                    await transport.send(frames)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    self._shutdown(Unavailable(f"connection lost while sending: {exc}"))
+                    return
+                continue
+            wakeup = self._writer_wakeup = anyio.Event()
+            await wakeup.wait()
+
+    def _kick(self) -> None:
+        wakeup = self._writer_wakeup
+        if wakeup is not None:
+            self._writer_wakeup = None
+            wakeup.set()
+        idle = self._idle
+        if idle is not None and not self._calls and not self._handlers:
+            self._idle = None
+            idle.set()
+
+    async def _receive_loop(self) -> None:
+        wire = self._wire
+        while True:
+            try:
+                frames = await self._transport.receive()
+            except anyio.EndOfStream:
+                self._shutdown(Unavailable("the peer closed the connection"))
+                return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._shutdown(Unavailable(f"connection lost: {exc}"))
+                return
+            except RemoteProtocolError as exc:
+                self._shutdown(exc)
+                return
+            now = time.monotonic_ns()
+            try:
+                for frame in frames:
+                    for event in wire.receive_frame(frame, now):
+                        self._on_event(event)
+            except RemoteProtocolError as exc:
+                self._kick()  # the GoAway the wire queued
+                self._shutdown(exc)
+                return
+            self._kick()
+
+    async def _ping_loop(self, interval: float) -> None:
+        while not self.closed:
+            await anyio.sleep(interval)
+            pong = self._pong = anyio.Event()
+            with contextlib.suppress(RapaceError):
+                self._wire.ping(secrets.token_bytes(8))
+            self._kick()
+            with anyio.move_on_after(interval) as scope:
+                await pong.wait()
+            if scope.cancelled_caught:
+                self._shutdown(Unavailable(f"the peer did not answer a ping within {interval} s"))
+                return
+
+    def _shutdown(self, reason: BaseException) -> None:
+        """End the session: fail every waiting caller, cancel every handler."""
+        if self._closed.is_set():
+            return
+        self._close_reason = reason
+        for state in self._calls.values():
+            inbox = state.inbox
+            if not inbox.done:
+                inbox.done = True
+                inbox.error = reason
+            inbox.wake()
+            if state.credit is not None:
+                state.credit.set()
+        for handler in self._handlers.values():
+            if handler.scope is not None:
+                handler.scope.cancel()
+            handler.inbox.done = True
+            handler.inbox.wake()
+        self._calls.clear()
+        self._handshake.set()
+        self._closed.set()
+
+    # ------------------------------------------------------------------ events
+
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case ResponseReceived(channel_id, payload):
+                state = self._calls.pop(channel_id, None)
+                if state is not None:
+                    state.response = payload
+                    state.inbox.done = True
+                    state.inbox.wake()
+            case ItemReceived(channel_id, payload):
+                caller = self._calls.get(channel_id)
+                inbox = caller.inbox if caller is not None else None
+                if inbox is None:
+                    handler = self._handlers.get(channel_id)
+                    inbox = handler.inbox if handler is not None else None
+                if inbox is not None:
+                    inbox.items.append(payload)
+                    inbox.wake()
+            case EndOfStream(channel_id):
+                caller = self._calls.pop(channel_id, None)
+                if caller is not None:
+                    caller.inbox.done = True
+                    caller.inbox.wake()
+                handler = self._handlers.get(channel_id)
+                if handler is not None:
+                    handler.inbox.done = True
+                    handler.inbox.wake()
+            case ErrorReceived(channel_id, payload):
+                state = self._calls.pop(channel_id, None)
+                if state is not None:
+                    state.inbox.error = _remote_exception(payload)
+                    state.inbox.done = True
+                    state.inbox.wake()
+            case CallReceived():
+                self._start_handler(event)
+            case ChannelCancelled(channel_id, reason):
+                handler = self._handlers.get(channel_id)
+                if handler is not None:
+                    handler.cancel_reason = reason
+                    if handler.scope is not None:
+                        handler.scope.cancel()
+                state = self._calls.pop(channel_id, None)
+                if state is not None:
+                    state.inbox.error = _cancel_error(reason, state.spec)
+                    state.inbox.done = True
+                    state.inbox.wake()
+            case CreditAvailable(channel_id):
+                waiter: _CallerState | _HandlerState | None = self._calls.get(
+                    channel_id
+                ) or self._handlers.get(channel_id)
+                if waiter is not None and waiter.credit is not None:
+                    waiter.credit.set()
+                    waiter.credit = None
+            case DeadlineExpired(channel_id):
+                handler = self._handlers.get(channel_id)
+                if handler is not None and handler.scope is not None:
+                    handler.cancel_reason = CancelReason.DEADLINE_EXCEEDED
+                    handler.scope.cancel()
+            case HandshakeComplete():
+                self._handshake.set()
+            case PongReceived():
+                if self._pong is not None:
+                    self._pong.set()
+            case GoAwayReceived():
+                pass  # the wire refuses new calls itself; calls in flight continue
+
+    # ------------------------------------------------------------- caller side
+
+    def _open(self, spec: MethodSpec, payload: bytes, deadline_ns: int | None) -> _CallerState:
+        if self.closed:
+            raise Unavailable("the session is closed") from self._close_reason
+        channel_id = self._wire.open_call(
+            spec.method_id,
+            payload,
+            now_ns=time.monotonic_ns(),
+            kind=spec.kind,
+            deadline_ns=deadline_ns,
+            sig_hash=spec.sig_hash,
+        )
+        state = _CallerState(channel_id, spec)
+        self._calls[channel_id] = state
+        self._kick()
+        return state
+
+    async def _wait_outcome(self, state: _CallerState, *, raise_error: bool = True) -> None:
+        inbox = state.inbox
+        while not inbox.done:
+            await inbox.wait()
+        if raise_error and inbox.error is not None:
+            raise inbox.error
+
+    def _abandon(self, state: _CallerState, timeout_scope: anyio.CancelScope | None) -> None:
+        """The caller stopped waiting: cancel the call on the peer if it is still open."""
+        if self._calls.pop(state.channel_id, None) is None or self.closed:
+            return
+        deadline_passed = (timeout_scope is not None and timeout_scope.cancel_called) or (
+            anyio.current_effective_deadline() <= anyio.current_time()
+        )
+        reason = CancelReason.DEADLINE_EXCEEDED if deadline_passed else CancelReason.CLIENT_CANCEL
+        with contextlib.suppress(RapaceError):
+            self._wire.cancel(state.channel_id, reason)
+        self._kick()
+
+    async def _pump_items(
+        self,
+        state: _CallerState | _HandlerState,
+        channel_id: int,
+        source: Iterable[Any] | AsyncIterable[Any],
+        codec: TypeCodec[Any],
+    ) -> None:
+        """Send every item of ``source`` on the channel, honouring the peer's credit, then EOS.
+
+        Returns early, quietly, when the direction closes under it (the peer ended or
+        cancelled the call, or the session closed).
+        """
+        wire = self._wire
+        if isinstance(source, AsyncIterable):
+            iterator = aiter(source)
+            try:
+                async for item in iterator:
+                    if not await self._send_item(state, channel_id, codec, item):
+                        return
+            finally:
+                # An async generator is not finalized by cancellation on trio (no GC hooks
+                # run it): close it here so its cleanup (a producer's finally) runs now.
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    with anyio.move_on_after(ITERATOR_CLOSE_GRACE_S, shield=True):
+                        await aclose()
+        else:
+            for item in source:
+                if not await self._send_item(state, channel_id, codec, item):
+                    return
+                await anyio.lowlevel.checkpoint()
+        if not self.closed and _direction_open(wire, channel_id):
+            with contextlib.suppress(LocalProtocolError):
+                wire.send_eos(channel_id)
+            self._kick()
+
+    async def _send_item(
+        self,
+        state: _CallerState | _HandlerState,
+        channel_id: int,
+        codec: TypeCodec[Any],
+        item: Any,
+    ) -> bool:
+        """Send one item once credit allows; False if the direction closed meanwhile."""
+        data = _encode(codec, item)
+        wire = self._wire
+        while not wire.can_send(channel_id):
+            if self.closed or not _direction_open(wire, channel_id):
+                return False
+            credit = state.credit = anyio.Event()
+            await credit.wait()
+        wire.send_item(channel_id, data)
+        self._kick()
+        return True
+
+    async def _pump_caller_items(
+        self,
+        state: _CallerState,
+        source: Iterable[Any] | AsyncIterable[Any],
+        codec: TypeCodec[Any],
+    ) -> None:
+        """Stream a caller's argument; if producing or encoding an item fails, the call
+        fails with that exception and is cancelled on the peer."""
+        try:
+            await self._pump_items(state, state.channel_id, source, codec)
+        except Exception as exc:
+            inbox = state.inbox
+            if not inbox.done:
+                inbox.error = exc
+                inbox.done = True
+                inbox.wake()
+            if self._calls.pop(state.channel_id, None) is not None and not self.closed:
+                with contextlib.suppress(RapaceError):
+                    self._wire.cancel(state.channel_id, CancelReason.CLIENT_CANCEL)
+                self._kick()
+
+    # ------------------------------------------------------------ handler side
+
+    def _start_handler(self, event: CallReceived) -> None:
+        state = _HandlerState()
+        self._handlers[event.channel_id] = state
+        assert self._task_group is not None
+        self._task_group.start_soon(self._serve_call, event, state)
+
+    async def _serve_call(self, event: CallReceived, state: _HandlerState) -> None:
+        channel_id = event.channel_id
+        wire = self._wire
+        spec = self._spec.by_id.get(event.method_id) if self._spec is not None else None
+        deadline = math.inf
+        if event.deadline_ns is not None:
+            deadline = anyio.current_time() + (event.deadline_ns - time.monotonic_ns()) / 1e9
+        terminal: Callable[[], None] | None = None
+        with anyio.CancelScope(deadline=deadline) as scope:
+            state.scope = scope
+            try:
+                if spec is None:
+                    raise Unimplemented(f"method 0x{event.method_id:08x} is not served here")
+                terminal = await self._run_handler(spec, event, state)
+            except Exception as exc:
+                payload = ErrorPayload.from_exception(exc, status=_status_of(exc)).encode()
+                terminal = partial(wire.send_error, channel_id, payload)
+        if terminal is None:  # cancelled: by the caller, its deadline, or the session
+            if self.closed:
+                self._handlers.pop(channel_id, None)
+                return
+            reason = state.cancel_reason
+            if reason is None and scope.cancelled_caught:
+                reason = CancelReason.DEADLINE_EXCEEDED
+            status = reason.status if reason is not None else Status.CANCELLED
+            message = (
+                "the call's deadline passed"
+                if status is Status.DEADLINE_EXCEEDED
+                else ("the call was cancelled")
+            )
+            exc_type = DeadlineExceeded if status is Status.DEADLINE_EXCEEDED else RapaceError
+            payload = ErrorPayload.from_exception(exc_type(message), status=status).encode()
+            terminal = partial(wire.send_error, channel_id, payload)
+        self._handlers.pop(channel_id, None)
+        if not self.closed:
+            with contextlib.suppress(LocalProtocolError):
+                terminal()
+            self._kick()
+
+    async def _run_handler(
+        self, spec: MethodSpec, event: CallReceived, state: _HandlerState
+    ) -> Callable[[], None]:
+        assert self._serve is not None
+        codecs = _codecs(spec)
+        try:
+            values = list(_decode(codecs.args, event.payload))
+        except DecodeError as exc:
+            raise _InvalidArgument(f"{spec.qualified_name}: {exc}") from exc
+        stream = spec.stream_param
+        if stream is not None:
+            assert codecs.request_item is not None
+            index = spec.params.index(stream)
+            values.insert(index, self._incoming_items(event.channel_id, state, codecs.request_item))
+        method = getattr(self._serve, spec.name)
+        positional, keywords = _split_arguments(spec, values)
+        wire = self._wire
+        channel_id = event.channel_id
+        if not spec.kind.handler_streams:
+            if spec.is_sync:
+                result = await anyio.to_thread.run_sync(
+                    partial(method, *positional, **keywords), abandon_on_cancel=True
+                )
+            else:
+                result = await method(*positional, **keywords)
+            data = _encode(codecs.result, result)
+            return partial(wire.send_response, channel_id, data)
+        assert codecs.response_item is not None
+        produced = method(*positional, **keywords)
+        if not isinstance(produced, AsyncIterator | AsyncIterable):
+            raise TypeError(f"{spec.qualified_name} must return an async iterator")
+        await self._pump_items(state, channel_id, produced, codecs.response_item)
+        return _noop  # the EOS after the last item was the terminal frame
+
+    async def _incoming_items(
+        self, channel_id: int, state: _HandlerState, codec: TypeCodec[Any]
+    ) -> AsyncIterator[Any]:
+        inbox = state.inbox
+        while True:
+            while inbox.items:
+                payload = inbox.items.popleft()
+                with contextlib.suppress(LocalProtocolError):
+                    self._wire.consumed(channel_id, _nbytes(payload))
+                self._kick()
+                yield _decode(codec, payload)
+            if inbox.done:
+                return
+            await inbox.wait()
+
+
+class RemoteStream(Generic[T]):
+    """The results of a streaming call: an async iterator with ``aclose()``.
+
+    The call starts on the first ``__anext__``. Leaving an ``async for`` early does not
+    close an async iterator by itself: use ``async with`` or ``aclose()`` (or let it be
+    collected) to cancel the producer promptly.
+    """
+
+    def __init__(
+        self,
+        session: RpcSession,
+        spec: MethodSpec,
+        values: tuple[Any, ...],
+        source: Iterable[Any] | AsyncIterable[Any] | None,
+    ) -> None:
+        self._session = session
+        self._spec = spec
+        self._values = values
+        self._source = source
+        self._state: _CallerState | None = None
+        self._pump_scope: anyio.CancelScope | None = None
+        self._finished = False
+        self._codec = _codecs(spec).response_item
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> T:
+        if self._finished:
+            raise StopAsyncIteration
+        state = self._state
+        if state is None:
+            state = self._start()
+        inbox = state.inbox
+        session = self._session
+        try:
+            while not inbox.items:
+                if inbox.done:
+                    self._finished = True
+                    if inbox.error is not None:
+                        raise inbox.error
+                    raise StopAsyncIteration
+                await inbox.wait()
+        except BaseException as exc:
+            if not isinstance(exc, StopAsyncIteration):
+                await self.aclose()
+            raise
+        payload = inbox.items.popleft()
+        with contextlib.suppress(LocalProtocolError):
+            session._wire.consumed(state.channel_id, _nbytes(payload))
+        session._kick()
+        assert self._codec is not None
+        item: T = _decode(self._codec, payload)
+        return item
+
+    def _start(self) -> _CallerState:
+        session = self._session
+        codecs = _codecs(self._spec)
+        payload = _encode(codecs.args, self._values)
+        state = self._state = session._open(self._spec, payload, _deadline_ns())
+        if self._source is not None:
+            assert codecs.request_item is not None
+            assert session._task_group is not None
+            session._task_group.start_soon(self._pump, state, self._source, codecs.request_item)
+        return state
+
+    async def _pump(
+        self, state: _CallerState, source: Iterable[Any] | AsyncIterable[Any], codec: TypeCodec[Any]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self._pump_scope = scope
+            await self._session._pump_caller_items(state, source, codec)
+
+    async def aclose(self) -> None:
+        """Stop the stream; if the call is still running, cancel it on the peer."""
+        self._finished = True
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
+        state = self._state
+        if state is None:
+            return
+        session = self._session
+        if session._calls.pop(state.channel_id, None) is not None and not session.closed:
+            with contextlib.suppress(RapaceError):
+                session._wire.cancel(state.channel_id, CancelReason.CLIENT_CANCEL)
+            session._kick()
+
+
+class _InvalidArgument(RapaceError, ValueError):
+    """The request's arguments did not decode into the method's parameter types."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+@contextlib.asynccontextmanager
+async def open_session(
+    transport: Transport,
+    *,
+    role: Role,
+    serve: object | None = None,
+    call_timeout: float | None = None,
+    ping_interval: float | None = None,
+    limits: HelloLimits | None = None,
+) -> AsyncIterator[RpcSession]:
+    """Run an :class:`RpcSession` for the duration of the ``async with`` block.
+
+    Returns once the handshake is complete. Leaving the block says goodbye to the peer (calls
+    in flight get a bounded grace) and closes the transport.
+
+    Raises:
+        RemoteProtocolError: the peer is not a compatible rapace peer.
+        TimeoutError: no handshake within 10 seconds.
+    """
+    session = RpcSession(
+        transport,
+        role=role,
+        serve=serve,
+        call_timeout=call_timeout,
+        ping_interval=ping_interval,
+        limits=limits,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(session._run)
+            try:
+                yield session
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await session.aclose()
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await transport.aclose()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _noop() -> None:
+    return None
+
+
+def _nbytes(payload: Any) -> int:
+    return len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+
+
+def _encode(codec: TypeCodec[Any], value: Any) -> bytes:
+    return codec.encode(value).data
+
+
+def _decode(codec: TypeCodec[Any], payload: Any) -> Any:
+    return codec.decode(payload)
+
+
+def _bind(spec: MethodSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
+    # All positional and complete is the usual call: skip inspect's Signature.bind (~7 us).
+    if not kwargs and len(args) == len(spec.params):
+        return list(args)
+    return bind_arguments(spec, args, kwargs)
+
+
+def _deadline_ns() -> int | None:
+    """The caller's effective deadline as a monotonic_ns value, or None.
+
+    Read through anyio so that trio's clock (not time.monotonic) works; what travels is the
+    remaining time, re-based on time.monotonic_ns for the wire Session.
+    """
+    effective = anyio.current_effective_deadline()
+    if effective == math.inf:
+        return None
+    remaining = effective - anyio.current_time()
+    return time.monotonic_ns() + max(1, int(remaining * 1e9))
+
+
+def _pop_stream(spec: MethodSpec, values: list[Any]) -> Iterable[Any] | AsyncIterable[Any] | None:
+    stream = spec.stream_param
+    if stream is None:
+        return None
+    source = values.pop(spec.params.index(stream))
+    if not isinstance(source, Iterable | AsyncIterable):
+        raise EncodeError(
+            f"{stream.name}: a stream argument must be an iterable or async iterable, "
+            f"got {type(source).__name__}"
+        )
+    return source
+
+
+def _split_arguments(spec: MethodSpec, values: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    positional: list[Any] = []
+    keywords: dict[str, Any] = {}
+    for param, value in zip(spec.params, values, strict=True):
+        if param.keyword_only:
+            keywords[param.name] = value
+        else:
+            positional.append(value)
+    return positional, keywords
+
+
+def _direction_open(wire: Session, channel_id: int) -> bool:
+    try:
+        wire.send_credit(channel_id)
+    except LocalProtocolError:
+        return False
+    return True
+
+
+def _status_of(exc: BaseException) -> Status:
+    if isinstance(exc, RapaceError):
+        return exc.status
+    return Status.UNKNOWN
+
+
+def _remote_exception(payload: Any) -> Exception:
+    try:
+        return rebuild_exception(ErrorPayload.decode(payload))
+    except DecodeError as exc:
+        return RemoteProtocolError(f"undecodable error payload: {exc}")
+
+
+def _cancel_error(reason: CancelReason, spec: MethodSpec) -> Exception:
+    status = reason.status
+    if status is Status.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{spec.qualified_name}: the deadline passed on the peer")
+    if status is Status.RESOURCE_EXHAUSTED:
+        return Unavailable(f"{spec.qualified_name}: the peer refused the call ({reason.name})")
+    return Unavailable(f"{spec.qualified_name}: the peer cancelled the call ({reason.name})")
