@@ -209,6 +209,7 @@ class RpcSession:
         # Set (and dropped) when the last call or handler finishes, for a graceful close.
         self._idle: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._send_lock = anyio.Lock()
 
     # ------------------------------------------------------------------ public
 
@@ -304,6 +305,13 @@ class RpcSession:
             while self._calls or self._handlers:
                 idle = self._idle = anyio.Event()
                 await idle.wait()
+        # Flush what the last handlers queued (their responses) before the writer stops.
+        with anyio.move_on_after(GOODBYE_GRACE_S, shield=True):
+            async with self._send_lock:
+                frames = self._wire.frames_to_send()
+                if frames:
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        await self._transport.send(frames)
         self._shutdown(Unavailable("the session was closed"))
         with anyio.CancelScope(shield=True):
             await self._transport.aclose()
@@ -333,7 +341,8 @@ class RpcSession:
             frames = wire.frames_to_send()
             if frames:
                 try:
-                    await transport.send(frames)
+                    async with self._send_lock:  # aclose's final flush must not interleave
+                        await transport.send(frames)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                     self._shutdown(Unavailable(f"connection lost while sending: {exc}"))
                     return
