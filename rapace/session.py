@@ -210,6 +210,7 @@ class RpcSession:
         self._idle: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._send_lock = anyio.Lock()
+        self._flush_needed = False  # send_nowait left bytes in the transport
 
     # ------------------------------------------------------------------ public
 
@@ -309,9 +310,10 @@ class RpcSession:
         with anyio.move_on_after(GOODBYE_GRACE_S, shield=True):
             async with self._send_lock:
                 frames = self._wire.frames_to_send()
-                if frames:
-                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        await self._transport.send(frames)
+                with contextlib.suppress(
+                    anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+                ):
+                    await self._transport.send(frames)
         self._shutdown(Unavailable("the session was closed"))
         with anyio.CancelScope(shield=True):
             await self._transport.aclose()
@@ -338,23 +340,52 @@ class RpcSession:
         wire = self._wire
         transport = self._transport
         while True:
-            frames = wire.frames_to_send()
-            if frames:
-                try:
-                    async with self._send_lock:  # aclose's final flush must not interleave
+            try:
+                # Frames are taken from the outbox only while holding the lock: aclose's
+                # final flush takes the same lock, so no frame can be in a limbo where
+                # neither of them will write it.
+                async with self._send_lock:
+                    if self._flush_needed:
+                        self._flush_needed = False
+                        await transport.flush()
+                    frames = wire.frames_to_send()
+                    if frames:
                         await transport.send(frames)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    self._shutdown(Unavailable(f"connection lost while sending: {exc}"))
-                    return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._shutdown(Unavailable(f"connection lost while sending: {exc}"))
+                return
+            if frames:
                 continue
+            # No await since the outbox was found empty (releasing the lock does not
+            # yield), so no frame can be queued unseen before the writer parks.
             wakeup = self._writer_wakeup = anyio.Event()
             await wakeup.wait()
 
     def _kick(self) -> None:
+        """Get queued frames moving.
+
+        While the writer is parked (nothing of ours in flight on the transport), the frames
+        are written right here if the transport takes them without waiting: that saves a
+        task switch per message. Only what does not fit wakes the writer, which writes the
+        remainder first, so order is kept.
+        """
         wakeup = self._writer_wakeup
         if wakeup is not None:
-            self._writer_wakeup = None
-            wakeup.set()
+            if self._send_lock.locked():  # aclose is flushing: leave it to the writer
+                frames = None
+            else:
+                frames = self._wire.frames_to_send()
+            if frames is None or frames:
+                done = False
+                if frames:
+                    try:
+                        done = self._transport.send_nowait(frames)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        done = False  # the writer's flush reports the failure
+                    self._flush_needed = not done
+                if not done:
+                    self._writer_wakeup = None
+                    wakeup.set()
         idle = self._idle
         if idle is not None and not self._calls and not self._handlers:
             self._idle = None

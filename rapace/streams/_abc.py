@@ -35,6 +35,18 @@ class Transport(Protocol):
         """
         ...
 
+    def send_nowait(self, frames: Sequence[Frame]) -> bool:
+        """Take ``frames`` and write whatever can go without waiting.
+
+        True: all of it went out. False: the rest is buffered, in order, for :meth:`flush`
+        (or the next :meth:`send`). Not to be called while a send or flush is in progress.
+        """
+        ...
+
+    async def flush(self) -> None:
+        """Write everything :meth:`send_nowait` buffered."""
+        ...
+
     async def receive(self) -> list[Frame]:
         """Wait for at least one frame and return every frame available, in order.
 

@@ -33,14 +33,33 @@ class MemoryTransport:
         self._outgoing = outgoing
         self._incoming = incoming
         self._deadline_mode = deadline_mode
+        self._pending: list[list[Frame]] = []  # batches send_nowait could not queue
 
     @property
     def deadline_mode(self) -> DeadlineMode:
         return self._deadline_mode
 
     async def send(self, frames: Sequence[Frame]) -> None:
+        await self.flush()
+        await self._outgoing.send([Frame(f.descriptor, bytes(f.payload)) for f in frames])
+
+    def send_nowait(self, frames: Sequence[Frame]) -> bool:
+        """Queue ``frames`` now if there is room; False leaves them for :meth:`flush`."""
         batch = [Frame(f.descriptor, bytes(f.payload)) for f in frames]
-        await self._outgoing.send(batch)
+        if self._pending:
+            self._pending.append(batch)
+            return False
+        try:
+            self._outgoing.send_nowait(batch)
+        except anyio.WouldBlock:
+            self._pending.append(batch)
+            return False
+        return True
+
+    async def flush(self) -> None:
+        while self._pending:
+            await self._outgoing.send(self._pending[0])
+            self._pending.pop(0)
 
     async def receive(self) -> list[Frame]:
         frames = await self._incoming.receive()

@@ -8,6 +8,7 @@ without being joined (a copy of a 64 MiB payload costs more than an extra system
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
@@ -45,6 +46,9 @@ class StreamTransport:
         self._closed = False
         # Bytes a handshake read past its end: the start of the peer's first frame.
         self._initial = initial
+        # Encoded frames not yet written, in order: joined small pieces and views of large
+        # payloads (written from the caller's buffer, not copied).
+        self._pending: deque[bytearray | memoryview] = deque()
 
     @property
     def deadline_mode(self) -> DeadlineMode:
@@ -55,19 +59,54 @@ class StreamTransport:
     def stream(self) -> anyio.abc.ByteStream:
         return self._stream
 
-    async def send(self, frames: Sequence[Frame]) -> None:
-        joined = bytearray()
+    def _queue(self, frames: Sequence[Frame]) -> None:
+        """Encode ``frames`` onto the pending pieces: small pieces joined, large ones kept
+        as views of the caller's buffers."""
+        pending = self._pending
         for frame in frames:
             for piece in encode_frame(frame):
-                if memoryview(piece).nbytes <= _JOIN_LIMIT:
-                    joined += piece
-                    continue
-                if joined:
-                    await self._stream.send(bytes(joined))
-                    joined.clear()
-                await self._stream.send(piece)  # type: ignore[arg-type]  # a memoryview is bytes-like
-        if joined:
-            await self._stream.send(bytes(joined))
+                view = memoryview(piece)
+                if view.nbytes <= _JOIN_LIMIT and pending and type(pending[-1]) is bytearray:
+                    pending[-1] += view
+                elif view.nbytes <= _JOIN_LIMIT:
+                    pending.append(bytearray(view))
+                else:
+                    pending.append(view)
+
+    def send_nowait(self, frames: Sequence[Frame]) -> bool:
+        """Take ``frames`` and write what the socket accepts without waiting.
+
+        Returns True when everything went out; False when bytes remain, which
+        :meth:`flush` (or the next :meth:`send`) writes first. Never call it while a
+        ``send``/``flush`` is in progress.
+        """
+        self._queue(frames)
+        try_send = getattr(self._stream, "try_send", None)
+        if try_send is None:
+            return False
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            try:
+                sent = try_send(head)
+            except OSError:
+                return False  # the writer's flush raises it properly
+            if sent < memoryview(head).nbytes:
+                pending[0] = memoryview(head)[sent:]
+                return False
+            pending.popleft()
+        return True
+
+    async def flush(self) -> None:
+        """Write every pending byte, waiting as needed."""
+        pending = self._pending
+        while pending:
+            await self._stream.send(pending[0])  # type: ignore[arg-type]  # bytes-like
+            pending.popleft()
+
+    async def send(self, frames: Sequence[Frame]) -> None:
+        self._queue(frames)
+        await self.flush()
 
     async def receive(self) -> list[Frame]:
         if self._initial:

@@ -68,6 +68,19 @@ class UnixByteStream(anyio.abc.ByteStream):
             view = view[sent:]
         await anyio.lowlevel.checkpoint()
 
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the socket takes now, without waiting; the number of bytes written.
+
+        Raises:
+            OSError: the connection failed (the next ``send`` reports it as broken).
+        """
+        if self._closed:
+            raise OSError("the stream is closed")
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+
     async def send_eof(self) -> None:
         try:
             self._sock.shutdown(socket.SHUT_WR)
