@@ -218,11 +218,6 @@ class RpcSession:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    @property
-    def peer_methods(self) -> Mapping[int, str]:
-        hello = self._wire.peer_hello
-        return {m.method_id: m.name for m in hello.methods} if hello is not None else {}
-
     async def wait_closed(self) -> None:
         """Wait until the connection ends (peer gone, protocol error, or closed here)."""
         await self._closed.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
-import enum
 import math
 import re
 import subprocess
@@ -34,6 +33,7 @@ from rapace.wire._codec_core import (
     TAG_OOB_NDARRAY,
     TAG_UNION,
 )
+from tests.property.strategies import Color, Level, Mode, Odd, Perm
 
 # -- types -----------------------------------------------------------------------------------------
 
@@ -109,32 +109,6 @@ class Partial(TypedDict, total=False):
 class Mixed(TypedDict):
     required: int
     optional: NotRequired[str]
-
-
-class Color(enum.Enum):
-    RED = 1
-    GREEN = 2
-
-
-class Level(enum.IntEnum):
-    LOW = 1
-    HIGH = 10
-
-
-class Mode(enum.StrEnum):
-    READ = "r"
-    WRITE = "w"
-
-
-class Perm(enum.Flag):
-    R = 4
-    W = 2
-    X = 1
-
-
-class Odd(enum.Enum):
-    PAIR = (1, 2)
-    NAME = "b"
 
 
 UserId = NewType("UserId", int)
