@@ -11,14 +11,36 @@ __all__ = ("main",)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rapace", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("demo", help="run the bundled demonstration")
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="remove shared-memory segments left by dead rapace processes",
+        description="Remove every rapace segment in /dev/shm whose owning process is gone "
+        "(killed hosts or workers). Segments of running processes are never touched.",
+    )
+    cleanup.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
     args = parser.parse_args(argv)
     # Imported on demand: `rapace --help` should not pay for what a command needs.
+    if args.command == "cleanup":
+        return _cleanup(dry_run=args.dry_run)
     from rapace._demo import run_demo
 
-    assert args.command == "demo"
     return run_demo()
+
+
+def _cleanup(*, dry_run: bool) -> int:
+    from rapace.shm import find_stale, remove_stale
+
+    segments = find_stale() if dry_run else remove_stale()
+    verb = "would remove" if dry_run else "removed"
+    for segment in segments:
+        print(f"{verb} /dev/shm/{segment.name} ({segment.size} bytes, pid {segment.owner_pid})")
+    total = sum(segment.size for segment in segments)
+    print(f"{verb} {len(segments)} segment(s), {total} bytes")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Finding and removing segments whose owner is gone.
+
+Every rapace segment is named ``rp_<owner pid hex>_...``. A segment is stale when that pid no
+longer runs, or (for link segments, whose header records the creator's start time) when the
+pid now belongs to a younger process. A survivor that sees its peer die removes every segment
+named with the peer's pid at once (:func:`sweep_owner`); ``rapace cleanup`` removes the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from rapace.shm._segment import SHM_DIR, SHM_PREFIX, owner_of, shm_unlink
+
+__all__ = (
+    "StaleSegment",
+    "find_stale",
+    "owner_alive",
+    "process_start_time",
+    "remove_stale",
+    "sweep_owner",
+)
+
+_START_FIELD = 22  # /proc/<pid>/stat: starttime, in clock ticks since boot
+_LINK_HEAD = struct.Struct("<8sIIQIIQ")
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is not running."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after its end.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    try:
+        return int(fields[_START_FIELD - 3])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_alive(pid: int, start_time: int = 0) -> bool:
+    """True while ``pid`` runs (and, if ``start_time`` is given, is the same process)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    if start_time:
+        now = process_start_time(pid)
+        return now is None or now == start_time
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class StaleSegment:
+    name: str
+    owner_pid: int
+    size: int
+
+
+def _link_creator_start(name: str) -> int:
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        raw = os.pread(fd, _LINK_HEAD.size, 0)
+    finally:
+        os.close(fd)
+    if len(raw) < _LINK_HEAD.size:
+        return 0
+    magic, *_, start = _LINK_HEAD.unpack(raw)
+    return int(start) if magic == b"RAPACESM" else 0
+
+
+def find_stale() -> list[StaleSegment]:
+    """Every rapace segment in ``/dev/shm`` whose owner is no longer running."""
+    stale = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    for name in sorted(names):
+        pid = owner_of(name)
+        if pid is None:
+            continue
+        if owner_alive(pid, _link_creator_start(name)):
+            continue
+        try:
+            size = (SHM_DIR / name).stat().st_size
+        except FileNotFoundError:
+            continue
+        stale.append(StaleSegment(name, pid, size))
+    return stale
+
+
+def remove_stale() -> list[StaleSegment]:
+    """Unlink every stale rapace segment; returns what was removed."""
+    return [segment for segment in find_stale() if _unlink(segment.name)]
+
+
+def sweep_owner(pid: int) -> list[str]:
+    """Unlink every rapace segment named with ``pid`` (call only once ``pid`` is dead)."""
+    prefix = f"{SHM_PREFIX}{pid:x}_"
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+    return [name for name in names if _unlink(name)]
+
+
+def _unlink(name: str) -> bool:
+    try:
+        shm_unlink(name)
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,0 +1,581 @@
+"""The shared-memory transport: one side of a link segment behind the Transport protocol.
+
+Sending writes each descriptor into the outgoing ring (payloads over 16 bytes into a slot of
+this side's area, or a one-off block when larger than any slot), publishes ``head`` once per
+batch, and rings the peer's doorbell only if the peer is parked. Receiving drains every
+published descriptor in one go, validating each (descriptor rules, slot reference, generation,
+state) before reading its payload, copies the payload out, and returns slots through the
+return ring at once, so a receiver that keeps results never pins the sender's area.
+
+Waiting is where the design choices are (see ``benchmarks/bench_shm_limits.py`` and its
+results in ``benchmarks/README.md``):
+
+* a wake-up through the kernel costs 45-60 us round trip across CPUs and 5-10 us on one CPU;
+  a spin on the ring hands off in under a microsecond. So a receiver with nothing to read
+  first spins briefly, yielding to its event loop between looks (other tasks keep running),
+  and only then parks on its eventfd;
+* spinning when both processes share one CPU only steals the time the peer needs to answer,
+  so there is no spin unless both sides may run on different CPUs (their affinity masks,
+  published in the control lines), and the spin budget adapts: it shrinks when spins keep
+  failing and grows back when they succeed;
+* a parked receiver re-checks at least every ``PARK_TIMEOUT`` (lost wake-ups are bounded)
+  and looks at the peer's liveness fd (a pidfd, or the host-death pipe) each time.
+
+Exhaustion (ring full, no free slot) makes the sender wait for the peer, never fail: the
+transport keeps the frames in order in a private queue, flags that it wants space, and the
+peer rings its doorbell after returning slots or consuming descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import anyio
+import anyio.lowlevel
+
+from rapace._errors import RemoteProtocolError, Status
+from rapace.shm._blocks import BLOCK_CLASS, BlockOwner, read_block
+from rapace.shm._doorbell import Doorbell, FdWaiter
+from rapace.shm._layout import MAX_BLOCKS_IN_FLIGHT, ControlWord, LinkLayout
+from rapace.shm._liveness import fd_readable
+from rapace.shm._ring import RingReader, RingWriter
+from rapace.shm._segment import Segment
+from rapace.shm._slots import CLASS_SHIFT, SlotAllocator, SlotReader
+from rapace.streams._abc import DeadlineMode
+from rapace.wire import (
+    DESCRIPTOR_SIZE,
+    INLINE_MAX,
+    SLOT_INLINE,
+    DescriptorLimits,
+    Frame,
+    decode_descriptor,
+    encode_descriptor,
+)
+
+__all__ = ("ShmStatistics", "ShmTransport", "SpinPolicy")
+
+_CONTROL_WORDS: Final = 8
+_U32: Final = 0xFFFF_FFFF
+
+
+@dataclass(slots=True)
+class ShmStatistics:
+    """Counters of one side of a link (read by pool statistics)."""
+
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_in_slots: int = 0
+    bytes_in_blocks: int = 0
+    ring_high_water: int = 0
+    parks: int = 0
+    spin_hits: int = 0
+    space_waits: int = 0
+
+
+class SpinPolicy:
+    """How long a receiver with nothing to read keeps looking before it parks.
+
+    ``budget`` starts at ``max_budget`` seconds; every spin that ends empty halves it (down to
+    nothing after a few misses: an idle or slow peer costs no CPU), every hit doubles it back.
+    While the budget is exhausted, one park in ``probe_every`` tries a short spin again, so
+    a link that turns busy finds its way back to spinning.
+    """
+
+    __slots__ = ("_budget", "_floor", "_misses_parked", "max_budget", "probe_every")
+
+    def __init__(self, max_budget: float = 50e-6, probe_every: int = 16) -> None:
+        self.max_budget = max_budget
+        self.probe_every = probe_every
+        self._floor = max_budget / 8
+        self._budget = max_budget
+        self._misses_parked = 0
+
+    def budget(self) -> float:
+        if self._budget >= self._floor:
+            return self._budget
+        self._misses_parked += 1
+        if self._misses_parked >= self.probe_every:
+            self._misses_parked = 0
+            return self._floor
+        return 0.0
+
+    def hit(self) -> None:
+        self._budget = min(self.max_budget, max(self._budget * 2, self._floor))
+
+    def miss(self) -> None:
+        self._budget /= 2
+
+
+def may_run_in_parallel(mask_a: int, mask_b: int) -> bool:
+    """False when the two affinity masks leave both processes one CPU to share."""
+    union = mask_a | mask_b
+    return (os.cpu_count() or 1) > 1 and union & (union - 1) != 0
+
+
+def affinity_mask() -> int:
+    """This process's allowed CPUs as a bit mask (CPUs beyond 63 fold into bit 63)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return (1 << min(os.cpu_count() or 1, 64)) - 1
+    mask = 0
+    for cpu in cpus:
+        mask |= 1 << min(cpu, 63)
+    return mask
+
+
+class ShmTransport:
+    """One side (``"a"`` creates, ``"b"`` attaches) of a shared-memory link.
+
+    Built by :func:`rapace.shm.create_link`, :func:`rapace.shm.attach_link` or
+    :func:`rapace.shm.shm_pair`; takes ownership of ``segment`` and both doorbells.
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        layout: LinkLayout,
+        side: str,
+        *,
+        token: str,
+        own_doorbell: Doorbell,
+        peer_doorbell: Doorbell,
+        close_doorbells: bool = True,
+        peer_liveness_fd: int | None = None,
+        spin: SpinPolicy | None = None,
+    ) -> None:
+        if side not in ("a", "b"):
+            raise ValueError(f"side must be 'a' or 'b', not {side!r}")
+        self._segment = segment
+        self._buffer = segment.buffer
+        self._words = segment.buffer.cast("Q")
+        words = self._words
+        self.side = side
+        self.layout = layout
+        self._token = token
+        peer_side = "b" if side == "a" else "a"
+        self._peer_side = peer_side
+        own_control, peer_control = (
+            (layout.control_a, layout.control_b)
+            if side == "a"
+            else (layout.control_b, layout.control_a)
+        )
+        self._own = own_control // 8
+        self._peer = peer_control // 8
+        capacity = layout.ring_capacity
+        ring_out, ring_in = (
+            (layout.ring_ab, layout.ring_ba) if side == "a" else (layout.ring_ba, layout.ring_ab)
+        )
+        self._out = RingWriter(words, ring_out, capacity, DESCRIPTOR_SIZE)
+        self._in = RingReader(words, ring_in, capacity, DESCRIPTOR_SIZE)
+        # Returns of this side's slots come in on this side's return ring (the peer writes);
+        # this side writes returns of the peer's slots on the peer's return ring.
+        own_returns, peer_returns = (
+            (layout.returns_a, layout.returns_b)
+            if side == "a"
+            else (layout.returns_b, layout.returns_a)
+        )
+        self._returns_in = RingReader(words, own_returns, layout.return_capacity, 8)
+        self._returns_out = RingWriter(words, peer_returns, layout.return_capacity, 8)
+        own_area, peer_area = (
+            (layout.area_a, layout.area_b) if side == "a" else (layout.area_b, layout.area_a)
+        )
+        self._area = SlotAllocator(words, own_area, layout.classes)
+        self._peer_area = SlotReader(words, peer_area, layout.classes)
+        self._max_slot = layout.classes[-1].slot_size
+        self._blocks = BlockOwner(token, side)
+        self._limits = DescriptorLimits()
+        self._own_doorbell = own_doorbell
+        self._peer_doorbell = peer_doorbell
+        self._close_doorbells = close_doorbells
+        self._waiter = FdWaiter(own_doorbell)
+        self._liveness_fd = peer_liveness_fd
+        self._spin = spin or SpinPolicy()
+        self._pending: deque[Frame] = deque()
+        self._users = 0  # tasks inside receive() or flush()
+        self._released = False
+        self._unreturned: list[int] = []  # returns that found the return ring full
+        self._error: BaseException | None = None
+        self._closed = False
+        self._peer_dead: str | None = None
+        self._may_spin: bool | None = None
+        self.peer_pid = 0
+        self.stats = ShmStatistics()
+        for i in range(_CONTROL_WORDS):
+            words[self._own + i] = 0
+        words[self._own + ControlWord.PID] = os.getpid()
+        words[self._own + ControlWord.AFFINITY] = affinity_mask()
+        words[self._own + ControlWord.ATTACHED] = 1
+
+    # -- Transport protocol ----------------------------------------------------------------
+
+    @property
+    def deadline_mode(self) -> DeadlineMode:
+        return "absolute"  # both ends read the same CLOCK_MONOTONIC
+
+    async def send(self, frames: Sequence[Frame]) -> None:
+        await self.flush()
+        if not self.send_nowait(frames):
+            await self.flush()
+
+    def send_nowait(self, frames: Sequence[Frame]) -> bool:
+        self._check_sendable()
+        if self._pending:
+            self._pending.extend(frames)
+            return False
+        written = self._write(frames)
+        if written < len(frames):
+            self._pending.extend(frames[written:])
+            return False
+        return True
+
+    async def flush(self) -> None:
+        self._users += 1
+        try:
+            await self._flush()
+        finally:
+            self._leave()
+
+    async def _flush(self) -> None:
+        while self._pending:
+            self._check_sendable()
+            pending = self._pending
+            written = self._write(pending)
+            for _ in range(written):
+                pending.popleft()
+            if pending:
+                await self._wait_for_space()
+
+    async def receive(self) -> list[Frame]:
+        self._users += 1
+        try:
+            return await self._receive()
+        finally:
+            self._leave()
+
+    async def _receive(self) -> list[Frame]:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                frames = self._drain()
+            except RemoteProtocolError as exc:
+                self._error = exc
+                raise
+            if frames:
+                return frames
+            if self._words[self._peer + ControlWord.CLOSED]:
+                # The peer publishes CLOSED after its last head: an empty ring now is final.
+                if not self._drain_or_none():
+                    raise anyio.EndOfStream
+                continue
+            if self._peer_dead is not None:
+                raise anyio.BrokenResourceError(self._peer_dead)
+            await self._park()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        words = self._words
+        words[self._own + ControlWord.CLOSED] = 1
+        self._peer_doorbell.ring()  # a parked peer must see the close now, not in 10 ms
+        await self._waiter.close()
+        if not self._users:
+            self._release_everything()
+
+    def _leave(self) -> None:
+        # Memory and fds outlive every task still inside receive/flush: the last one out
+        # after a close releases them, so a close never pulls memory from under a reader.
+        self._users -= 1
+        if self._closed and not self._users:
+            self._release_everything()
+
+    # -- liveness --------------------------------------------------------------------------
+
+    def mark_peer_dead(self, reason: str) -> None:
+        """Fail this link now: the caller knows the peer died (a pidfd fired, say)."""
+        if self._peer_dead is None:
+            self._peer_dead = reason
+        if not self._closed:
+            self._own_doorbell.ring()  # wake our own receiver so it notices at once
+
+    def watch_peer(self, liveness_fd: int) -> None:
+        """Watch ``liveness_fd`` (a pidfd or death pipe, owned by the caller) from now on."""
+        self._liveness_fd = liveness_fd
+
+    @property
+    def peer_dead(self) -> bool:
+        return self._peer_dead is not None
+
+    def unlink_name(self) -> None:
+        """Remove the segment's name once the peer has mapped it (idempotent)."""
+        self._segment.unlink()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _check_sendable(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error))
+        if self._peer_dead is not None:
+            raise anyio.BrokenResourceError(self._peer_dead)
+        if self._words[self._peer + ControlWord.CLOSED]:
+            raise anyio.BrokenResourceError("the peer closed the shared-memory link")
+
+    def _write(self, frames: Sequence[Frame]) -> int:
+        """Write as many of ``frames`` as fit now; returns how many were published."""
+        out = self._out
+        space = out.refresh()  # one word read; keeps the high-water mark exact
+        buffer = self._buffer
+        head = out.head
+        written = 0
+        for frame in frames:
+            if not space:
+                break
+            desc, payload = frame
+            if type(payload) is bytes:
+                view: bytes | memoryview = payload
+                nbytes = len(payload)
+            else:
+                view = memoryview(payload).cast("B")
+                nbytes = view.nbytes
+            at = out.entry_offset(head + written)
+            if nbytes <= INLINE_MAX:
+                buffer[at : at + DESCRIPTOR_SIZE] = encode_descriptor(desc, view)
+            else:
+                placed = self._place(view, nbytes)
+                if placed is None:
+                    break
+                reference, generation = placed
+                buffer[at : at + DESCRIPTOR_SIZE] = encode_descriptor(
+                    desc._replace(
+                        payload_slot=reference, payload_generation=generation, payload_offset=0
+                    ),
+                    view,
+                )
+            written += 1
+            space -= 1
+        if written:
+            out.publish(written)
+            stats = self.stats
+            stats.frames_sent += written
+            if out.in_flight > stats.ring_high_water:
+                stats.ring_high_water = out.in_flight
+            if self._words[self._peer + ControlWord.PARKED]:
+                self._peer_doorbell.ring()
+        return written
+
+    def _place(self, payload: bytes | memoryview, nbytes: int) -> tuple[int, int] | None:
+        """Copy a payload into a slot or block of this side; None when none is free."""
+        area = self._area
+        if nbytes <= self._max_slot:
+            placed = area.allocate(nbytes)
+            if placed is None:
+                self._collect_returns()
+                placed = area.allocate(nbytes)
+                if placed is None:
+                    return None
+            reference, generation, offset = placed
+            try:
+                self._buffer[offset : offset + nbytes] = payload
+            except BaseException:
+                area.abandon(reference)
+                raise
+            area.publish(reference, generation)
+            self.stats.bytes_in_slots += nbytes
+            return reference, generation
+        if len(self._blocks) >= MAX_BLOCKS_IN_FLIGHT:
+            self._collect_returns()
+            if len(self._blocks) >= MAX_BLOCKS_IN_FLIGHT:
+                return None
+        placed_block = self._blocks.create(memoryview(payload).cast("B"))
+        self.stats.bytes_in_blocks += nbytes
+        return placed_block
+
+    def _collect_returns(self) -> None:
+        """Take back every slot and block the peer has returned."""
+        returns = self._returns_in
+        count = returns.available()
+        if not count:
+            return
+        area = self._area
+        words = self._words
+        tail = returns.tail
+        for k in range(count):
+            entry = words[returns.entry_offset(tail + k) // 8]
+            reference, generation = entry >> 32, entry & _U32
+            if reference >> CLASS_SHIFT == BLOCK_CLASS:
+                self._blocks.release(reference, generation)
+            else:
+                area.release(reference, generation)
+        returns.consume(count)
+
+    async def _wait_for_space(self) -> None:
+        words = self._words
+        self.stats.space_waits += 1
+        words[self._own + ControlWord.SPACE_WANTED] = 1
+        try:
+            # Re-check after raising the flag: the peer may have freed space just before.
+            self._collect_returns()
+            if self._out.refresh() and self._can_place_next():
+                return
+            await self._waiter.wait()
+            self._check_liveness()
+        finally:
+            words[self._own + ControlWord.SPACE_WANTED] = 0
+
+    def _can_place_next(self) -> bool:
+        frame = self._pending[0]
+        payload = frame.payload
+        nbytes = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        if nbytes <= INLINE_MAX:
+            return True
+        if nbytes > self._max_slot:
+            return len(self._blocks) < MAX_BLOCKS_IN_FLIGHT
+        area = self._area
+        placed = area.allocate(nbytes)
+        if placed is None:
+            return False
+        area.abandon(placed[0])
+        return True
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _drain(self) -> list[Frame]:
+        """Read, validate and take every published descriptor."""
+        ring = self._in
+        count = ring.available()
+        if not count:
+            return []
+        buffer = self._buffer
+        limits = self._limits
+        tail = ring.tail
+        frames: list[Frame] = []
+        returns = self._unreturned
+        for k in range(count):
+            at = ring.entry_offset(tail + k)
+            # Copy the descriptor out before looking at it: the peer can rewrite shared memory
+            # at any time, so checks and use must read the same bytes.
+            desc = decode_descriptor(bytes(buffer[at : at + DESCRIPTOR_SIZE]), 0, limits)
+            slot = desc.payload_slot
+            nbytes = desc.payload_len
+            if slot == SLOT_INLINE:
+                payload = desc.inline_payload[:nbytes] if nbytes else b""
+            else:
+                generation = desc.payload_generation
+                if slot >> CLASS_SHIFT == BLOCK_CLASS:
+                    if desc.payload_offset:
+                        raise RemoteProtocolError(
+                            "block reference with an offset", status=Status.INVALID_FRAME
+                        )
+                    payload = read_block(
+                        self.peer_pid_or_read(),
+                        self._token,
+                        self._peer_side,
+                        slot,
+                        generation,
+                        nbytes,
+                    )
+                else:
+                    offset = desc.payload_offset
+                    start = self._peer_area.locate(slot, generation, offset + nbytes) + offset
+                    payload = bytes(buffer[start : start + nbytes])
+                returns.append(slot << 32 | generation)
+            frames.append(Frame(desc, payload))
+        ring.consume(count)
+        self.stats.frames_received += count
+        if len(self._blocks):
+            self._collect_returns()  # a block is a whole segment: drop it as soon as possible
+        words = self._words
+        if returns:
+            self._push_returns()
+        if words[self._peer + ControlWord.SPACE_WANTED]:
+            self._peer_doorbell.ring()
+        return frames
+
+    def _drain_or_none(self) -> bool:
+        return self._in.available() > 0
+
+    def peer_pid_or_read(self) -> int:
+        """The peer's pid as it published it (needed to name its blocks)."""
+        if not self.peer_pid:
+            self.peer_pid = self._words[self._peer + ControlWord.PID]
+        return self.peer_pid
+
+    def _push_returns(self) -> None:
+        returns = self._returns_out
+        pending = self._unreturned
+        room = returns.space()
+        if not room:
+            return
+        count = min(room, len(pending))
+        words = self._words
+        head = returns.head
+        for k in range(count):
+            words[returns.entry_offset(head + k) // 8] = pending[k]
+        returns.publish(count)
+        del pending[:count]
+
+    async def _park(self) -> None:
+        """Wait until the peer may have published something: spin, then sleep."""
+        if self._may_spin is None:
+            self._may_spin = may_run_in_parallel(
+                self._words[self._own + ControlWord.AFFINITY],
+                self._words[self._peer + ControlWord.AFFINITY],
+            )
+        ring = self._in
+        if self._may_spin:
+            budget = self._spin.budget()
+            if budget:
+                deadline = time.perf_counter() + budget
+                while True:
+                    await anyio.lowlevel.checkpoint()
+                    if ring.available():
+                        self._spin.hit()
+                        self.stats.spin_hits += 1
+                        return
+                    if time.perf_counter() >= deadline:
+                        break
+                self._spin.miss()
+        words = self._words
+        words[self._own + ControlWord.PARKED] = 1
+        try:
+            # Re-check after publishing PARKED: the peer may have published just before it.
+            if ring.available() or words[self._peer + ControlWord.CLOSED]:
+                return
+            self.stats.parks += 1
+            await self._waiter.wait()
+        finally:
+            words[self._own + ControlWord.PARKED] = 0
+        self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        fd = self._liveness_fd
+        if fd is None or self._peer_dead is not None:
+            return
+        if fd_readable(fd):
+            self._peer_dead = "the peer process died"
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def _release_everything(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._blocks.close()
+        self._pending.clear()
+        self._words.release()
+        self._segment.unlink()
+        self._segment.close()
+        if self._close_doorbells:
+            self._own_doorbell.close()
+            self._peer_doorbell.close()
