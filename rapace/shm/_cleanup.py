@@ -9,6 +9,7 @@ named with the peer's pid at once (:func:`sweep_owner`); ``rapace cleanup`` remo
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ __all__ = (
     "sweep_owner",
 )
 
+_PID_MAX = 1 << 22  # Linux's ceiling (pid_max is at most 4194304)
 _START_FIELD = 22  # /proc/<pid>/stat: starttime, in clock ticks since boot
 _LINK_HEAD = struct.Struct("<8sIIQIIQ")
 
@@ -44,8 +46,8 @@ def process_start_time(pid: int) -> int | None:
 
 def owner_alive(pid: int, start_time: int = 0) -> bool:
     """True while ``pid`` runs (and, if ``start_time`` is given, is the same process)."""
-    if pid <= 0:
-        return False
+    if not 0 < pid <= _PID_MAX:
+        return False  # no process can have that pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,12 +68,18 @@ class StaleSegment:
 
 
 def _link_creator_start(name: str) -> int:
+    # /dev/shm is world-writable: whatever carries a rapace name may be a directory, a FIFO
+    # or a link planted by someone else. Never block on it, never follow it.
     try:
-        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return 0
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0
         raw = os.pread(fd, _LINK_HEAD.size, 0)
+    except OSError:
+        return 0
     finally:
         os.close(fd)
     if len(raw) < _LINK_HEAD.size:
@@ -91,12 +99,15 @@ def find_stale() -> list[StaleSegment]:
         pid = owner_of(name)
         if pid is None:
             continue
-        if owner_alive(pid, _link_creator_start(name)):
-            continue
         try:
-            size = (SHM_DIR / name).stat().st_size
+            info = (SHM_DIR / name).lstat()
         except FileNotFoundError:
             continue
+        if not stat.S_ISREG(info.st_mode):
+            continue  # not a segment rapace made: not ours to remove
+        if owner_alive(pid, _link_creator_start(name)):
+            continue
+        size = info.st_size
         stale.append(StaleSegment(name, pid, size))
     return stale
 

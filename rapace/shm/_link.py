@@ -10,6 +10,7 @@ nothing in ``/dev/shm``. The name exists only for that short window and carries 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Sequence
@@ -135,14 +136,21 @@ def attach_link(
     peer_liveness_fd: int | None = None,
     spin: float = 50e-6,
 ) -> ShmTransport:
-    """Attach side B to a link from inherited fds; the transport owns them afterwards.
+    """Attach side B to a link from inherited fds, which it owns from then on (a failed
+    attach closes them).
 
     Raises:
         ValueError: the fds do not hold a valid rapace link segment.
     """
     if isinstance(offer, str):
         offer = LinkOffer.decode(offer)
-    segment = Segment.from_fd(offer.segment_fd)
+    try:
+        segment = Segment.from_fd(offer.segment_fd)
+    except BaseException:
+        for fd in (offer.doorbell_a_fd, offer.doorbell_b_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
     try:
         header = read_header(segment.buffer)
         return ShmTransport(
@@ -157,6 +165,9 @@ def attach_link(
         )
     except BaseException:
         segment.close()
+        for fd in (offer.doorbell_a_fd, offer.doorbell_b_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         raise
 
 
@@ -178,10 +189,6 @@ def shm_pair(options: LinkOptions | None = None) -> tuple[ShmTransport, ShmTrans
         raise
     try:
         b = attach_link(dup_offer, spin=options.spin if options else 50e-6)
-    except BaseException:
-        for fd in dup_offer.pass_fds:
-            os.close(fd)
-        raise
     finally:
         a.unlink_name()
     return a, b

@@ -132,9 +132,13 @@ class Segment:
 
     @classmethod
     def from_fd(cls, fd: int, *, min_size: int = 1) -> Segment:
-        """Map a segment from an inherited fd (the segment takes ownership of ``fd``)."""
-        size = _checked_size(fd, min_size)
-        return cls(fd, size, None)
+        """Map a segment from an inherited fd; takes ownership of ``fd`` (closed on failure)."""
+        try:
+            size = _checked_size(fd, min_size)
+            return cls(fd, size, None)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @property
     def name(self) -> str | None:
@@ -200,6 +204,8 @@ def _free_bytes() -> int:
 
 
 def _mib(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**20:.1f} MiB"
 
 
