@@ -31,11 +31,22 @@ from rapace.service import service as service
 if TYPE_CHECKING:
     from rapace._connect import connect as connect
     from rapace._connect import serve as serve
+    from rapace._future import Future as Future
+    from rapace._future import Stream as Stream
+    from rapace.pool import PluginPool as PluginPool
+    from rapace.pool import WorkerInfo as WorkerInfo
 
 __version__ = "0.1.0.dev0"
 
 # Loaded on first use: importing rapace (or rapace.wire) must not pull in an event loop.
-_LAZY = {"connect": "rapace._connect", "serve": "rapace._connect"}
+_LAZY = {
+    "connect": "rapace._connect",
+    "serve": "rapace._connect",
+    "Future": "rapace._future",
+    "Stream": "rapace._future",
+    "PluginPool": "rapace.pool",
+    "WorkerInfo": "rapace.pool",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -55,18 +66,22 @@ __all__ = (
     "DeadlineExceeded",
     "DecodeError",
     "EncodeError",
+    "Future",
     "IncompatibleSchema",
     "LocalProtocolError",
+    "PluginPool",
     "ProtocolError",
     "RapaceError",
     "RemoteError",
     "RemoteProtocolError",
     "Status",
+    "Stream",
     "Streaming",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "WorkerCrashed",
+    "WorkerInfo",
     "connect",
     "describe",
     "serve",

@@ -1,10 +1,933 @@
-"""PluginPool: the concurrent.futures of plugins (API.md section 2).
+"""``PluginPool``: the ``concurrent.futures`` of plugins (API.md section 2).
 
-Planned: workers started as ``python -m rapace.worker``, calls routed to the worker with the
-fewest calls in flight, crashed workers replaced, nothing leaked. The pool sits on top of
-:mod:`rapace.session` and the transports; nothing below imports it.
+Threads and loops. A pool entered with ``with`` (or ``start()``) owns a background thread
+running an asyncio loop where every session, call task and worker supervisor lives; a pool
+entered with ``async with`` runs them on the caller's loop (asyncio or trio). Callers in
+other threads or loops reach the pool's loop only through its thread-safe entry point
+(:class:`rapace._loop.LoopHandle`) and wait on :class:`rapace.Future` /
+:class:`rapace.Stream`, which wake each kind of waiter its own way.
+
+One supervisor task per worker slot starts the worker, waits for its ready signal, runs the
+session, and on the worker's death (seen at once through its pidfd) fails exactly the calls it
+had in flight with :class:`rapace.WorkerCrashed` and starts a replacement; ``max_restarts``
+consecutive failed starts break the pool. Calls go to the ready worker with the fewest calls
+in flight and wait, within their deadline, while none is ready.
 """
 
 from __future__ import annotations
 
-__all__: tuple[str, ...] = ()
+import collections
+import contextlib
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar, cast
+
+import anyio
+import anyio.abc
+
+from rapace._errors import (
+    BrokenPluginPool,
+    ProtocolError,
+    RapaceError,
+    Unavailable,
+    WorkerCrashed,
+)
+from rapace._future import Future, Stream
+from rapace._loop import LoopHandle, LoopThread, current_loop_handle
+from rapace._workers import StartFailed, WorkerLaunch, describe_exit, launch_worker, stop_process
+from rapace.service import MethodSpec, ServiceSpec, service_spec
+from rapace.session import RpcSession, open_session
+from rapace.shm import SUPPORTED as SHM_SUPPORTED
+from rapace.shm import LinkOptions, SizeClass
+from rapace.wire import Role
+
+__all__ = ("PluginPool", "WorkerInfo")
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+TransportName = Literal["shm", "unix", "tcp"]
+
+# How long a stopping worker may take to leave on its own, after its session said goodbye.
+STOP_GRACE_S = 5.0
+# Back-off between consecutive failed starts of one slot: 0.1 s doubling up to 2 s.
+RESTART_BACKOFF_S = (0.1, 2.0)
+# How long a call that lost its worker waits to learn the exit status for its error.
+CRASH_REPORT_WAIT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """One worker as ``pool.workers`` shows it."""
+
+    index: int
+    pid: int | None
+    state: str  # "starting", "ready", "restarting", "stopped", "broken"
+    restarts: int
+    calls_in_flight: int
+    startup_seconds: float | None
+
+
+class _Slot:
+    """One worker position of the pool, kept filled by its supervisor."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.state = "starting"
+        self.launch: WorkerLaunch | None = None
+        self.session: RpcSession | None = None
+        self.in_flight = 0
+        self.restarts = 0
+        self.startup_seconds: float | None = None
+
+    def info(self) -> WorkerInfo:
+        pid = self.launch.pid if self.launch is not None else None
+        return WorkerInfo(
+            self.index, pid, self.state, self.restarts, self.in_flight, self.startup_seconds
+        )
+
+
+@dataclass(frozen=True)
+class _Options:
+    transport: TransportName
+    python: str | None
+    env: dict[str, str] | None
+    max_restarts: int
+    call_timeout: float | None
+    start_timeout: float
+    link: LinkOptions
+
+
+class _Processes:
+    """What a finalizer needs to stop workers without the pool object (GC, exit)."""
+
+    def __init__(self) -> None:
+        self.launches: dict[int, WorkerLaunch] = {}
+
+    def kill_all(self) -> None:
+        for launch in list(self.launches.values()):
+            process = launch.process
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                with contextlib.suppress(Exception):
+                    process.wait(timeout=5)
+            from rapace.shm import sweep_owner
+
+            sweep_owner(process.pid)
+            launch.close_fds()
+        self.launches.clear()
+
+
+class PluginPool(Generic[S]):
+    """A pool of worker processes each serving ``service``.
+
+    Args:
+        service: a ``@rapace.service`` class (or a subclass implementing one).
+        workers: how many workers; None means the CPUs available to this process.
+        args, kwargs: passed to ``service(...)`` in every worker.
+        transport: ``"shm"`` (default; ``"unix"`` where shared memory is unsupported),
+            ``"unix"`` or ``"tcp"``.
+        python: the interpreter for the workers (default: this one).
+        env: extra environment variables for the workers.
+        max_restarts: consecutive failed starts of a worker before the pool is broken.
+        call_timeout: a deadline in seconds for every call (``rapace.DeadlineExceeded``).
+        start_timeout: how long a worker may take to become ready, in seconds.
+        ring_capacity, slot_classes, spin: shared-memory tuning (see ``rapace.shm``).
+    """
+
+    def __init__(
+        self,
+        service: type[S],
+        workers: int | None = None,
+        *,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        transport: TransportName = "shm",
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        max_restarts: int = 3,
+        call_timeout: float | None = None,
+        start_timeout: float = 60.0,
+        ring_capacity: int | None = None,
+        slot_classes: Iterable[tuple[int, int]] | None = None,
+        spin: float | None = None,
+    ) -> None:
+        self._spec: ServiceSpec = service_spec(service)
+        self._service = service
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        if transport not in ("shm", "unix", "tcp"):
+            raise ValueError(f"transport must be 'shm', 'unix' or 'tcp', not {transport!r}")
+        if transport == "shm" and not SHM_SUPPORTED:
+            transport = "unix"
+        if max_restarts < 0:
+            raise ValueError("max_restarts must be >= 0")
+        defaults = LinkOptions()
+        link = LinkOptions(
+            ring_capacity=ring_capacity or defaults.ring_capacity,
+            classes=tuple(SizeClass(*c) for c in slot_classes)
+            if slot_classes
+            else defaults.classes,
+            spin=defaults.spin if spin is None else spin,
+        )
+        link.layout()  # validate the tuning now, not in the pool's thread
+        self._options = _Options(
+            transport=transport,
+            python=python,
+            env=dict(env) if env else None,
+            max_restarts=max_restarts,
+            call_timeout=call_timeout,
+            start_timeout=start_timeout,
+            link=link,
+        )
+        self._args = tuple(args)
+        self._kwargs = dict(kwargs or {})
+        self._slots = [_Slot(i) for i in range(workers)]
+        self._state: Literal["new", "running", "stopping", "closed"] = "new"
+        self._broken: BrokenPluginPool | None = None
+        self._loop: LoopHandle | None = None
+        self._thread: LoopThread | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._async_exit: Any = None
+        self._ready_changed: anyio.Event | None = None
+        self._all_started: anyio.Event | None = None
+        self._calls_idle: anyio.Event | None = None
+        self._stop_requested: anyio.Event | None = None
+        self._calls = 0
+        # Work handed over from other threads; a dispatcher task on the pool's loop spawns
+        # it (task groups need a running task to spawn from, callbacks are not one).
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._inbox_wake: anyio.Event | None = None
+        self._waiting: set[Future[Any]] = set()
+        self._processes = _Processes()
+        self._finalizer = weakref.finalize(self, self._processes.kill_all)
+        self._proxy: Any = None
+        self._service_payload: bytes | None = None
+        self._startup_error: BaseException | None = None
+        self.stats_calls = 0
+        self.stats_errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __repr__(self) -> str:
+        ready = sum(slot.state == "ready" for slot in self._slots)
+        return (
+            f"<PluginPool {self._spec.name} {self._state} workers={ready}/{len(self._slots)} "
+            f"transport={self._options.transport}>"
+        )
+
+    def start(self) -> PluginPool[S]:
+        """Start the workers on the pool's own loop thread; returns once all are ready.
+
+        Raises:
+            rapace.BrokenPluginPool: workers kept failing to start (with their traceback).
+        """
+        if self._state != "new":
+            raise RuntimeError(f"this pool is {self._state}: it can be started once")
+        self._state = "running"
+        self._prepare_payload()
+        thread = LoopThread(self._own_loop_main, name=f"rapace-pool-{self._spec.name}")
+        self._thread = thread
+        try:
+            thread.start()
+        except BaseException:
+            self._state = "closed"
+            self._processes.kill_all()
+            raise
+        error = self._startup_error
+        if error is not None:
+            self._join_thread()
+            raise error
+        return self
+
+    async def _own_loop_main(self, ready: Callable[[], None], stop: anyio.Event) -> None:
+        self._loop = current_loop_handle()
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            self._init_loop_state()
+            for slot in self._slots:
+                tg.start_soon(self._supervise, slot)
+            failure: BaseException | None = None
+            try:
+                await self._wait_started()
+            except BaseException as exc:
+                failure = exc
+            if failure is not None:
+                self._startup_error = failure
+                ready()
+                await self._stop_everything(wait=False)
+                tg.cancel_scope.cancel()
+                return
+            self._startup_error = None
+            ready()
+            await stop.wait()
+            tg.cancel_scope.cancel()
+
+    def __enter__(self) -> PluginPool[S]:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    async def __aenter__(self) -> PluginPool[S]:
+        if self._state != "new":
+            raise RuntimeError(f"this pool is {self._state}: it can be started once")
+        self._state = "running"
+        self._prepare_payload()
+        self._loop = current_loop_handle()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._task_group = group
+        self._async_exit = group
+        self._init_loop_state()
+        for slot in self._slots:
+            group.start_soon(self._supervise, slot)
+        try:
+            await self._wait_started()
+        except BaseException as exc:
+            await self._stop_everything(wait=False)
+            group.cancel_scope.cancel()
+            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            self._state = "closed"
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _init_loop_state(self) -> None:
+        self._ready_changed = anyio.Event()
+        self._all_started = anyio.Event()
+        self._stop_requested = anyio.Event()
+        self._inbox_wake = anyio.Event()
+        assert self._task_group is not None
+        self._task_group.start_soon(self._dispatch)
+
+    async def _dispatch(self) -> None:
+        inbox = self._inbox
+        while True:
+            while inbox:
+                inbox.popleft()()
+            wake = self._inbox_wake = anyio.Event()
+            if not inbox:
+                await wake.wait()
+
+    def _run_soon(self, start: Callable[[], None]) -> None:
+        """Run ``start`` (which spawns tasks) on the pool's loop, from any thread."""
+        loop = self._check_open()
+        if loop.in_loop_thread() and _in_task():
+            start()
+        else:
+            loop.call_soon(self._enqueue, start)
+
+    def _enqueue(self, start: Callable[[], None]) -> None:
+        self._inbox.append(start)
+        wake = self._inbox_wake
+        if wake is not None:
+            wake.set()
+
+    def _prepare_payload(self) -> None:
+        import cloudpickle
+
+        try:
+            payload: bytes = cloudpickle.dumps(  # type: ignore[no-untyped-call]
+                (self._service, self._args, self._kwargs)
+            )
+            self._service_payload = payload
+        except Exception as exc:
+            raise TypeError(
+                f"cannot ship {self._spec.name} and its constructor arguments to the workers: {exc}"
+            ) from exc
+
+    async def _wait_started(self) -> None:
+        while not all(slot.state == "ready" for slot in self._slots):
+            if self._broken is not None:
+                raise self._broken
+            assert self._ready_changed is not None
+            await self._ready_changed.wait()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the pool like ``Executor.shutdown``: with ``wait``, calls in flight finish
+        first; the workers are then stopped (goodbye, terminate, kill, each bounded)."""
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        if self._loop is not None and self._loop.in_loop_thread():
+            raise RuntimeError(
+                "shutdown() would block the pool's own event loop; use 'await pool.aclose()'"
+            )
+        if self._thread is None:
+            raise RuntimeError("an 'async with' pool is closed with 'await pool.aclose()'")
+        if self._state == "running":
+            self._state = "stopping"
+            done = threading.Event()
+
+            def begin() -> None:
+                assert self._task_group is not None
+                self._task_group.start_soon(self._shutdown_then, wait, cancel_futures, done.set)
+
+            try:
+                assert self._loop is not None
+                self._loop.call_soon(self._enqueue, begin)
+            except RuntimeError:
+                done.set()
+            done.wait()
+        self._join_thread()
+
+    async def _shutdown_then(
+        self, wait: bool, cancel_futures: bool, then: Callable[[], None]
+    ) -> None:
+        try:
+            await self._stop_everything(wait=wait, cancel_futures=cancel_futures)
+        finally:
+            then()
+
+    def _join_thread(self) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.stop(timeout=STOP_GRACE_S + 10)
+        self._state = "closed"
+        self._processes.kill_all()
+
+    async def aclose(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
+        """``shutdown`` for a pool entered with ``async with`` (or from any loop)."""
+        if self._thread is not None:
+            await anyio.to_thread.run_sync(
+                lambda: self.shutdown(wait, cancel_futures=cancel_futures)
+            )
+            return
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        self._state = "stopping"
+        try:
+            await self._stop_everything(wait=wait, cancel_futures=cancel_futures)
+        finally:
+            group = self._async_exit
+            self._async_exit = None
+            if group is not None:
+                group.cancel_scope.cancel()
+                await group.__aexit__(None, None, None)
+            self._state = "closed"
+            self._processes.kill_all()
+
+    async def _stop_everything(self, *, wait: bool, cancel_futures: bool = False) -> None:
+        if cancel_futures or not wait:
+            for future in list(self._waiting):
+                future.cancel()
+        if wait:
+            while self._calls:
+                idle = self._calls_idle = anyio.Event()
+                await idle.wait()
+        assert self._stop_requested is not None
+        self._stop_requested.set()
+        if self._ready_changed is not None:
+            self._ready_changed.set()
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for slot in self._slots:
+                    if slot.launch is not None:
+                        tg.start_soon(self._wait_slot_stopped, slot)
+
+    async def _wait_slot_stopped(self, slot: _Slot) -> None:
+        with anyio.move_on_after(STOP_GRACE_S + 6):
+            launch = slot.launch
+            while launch is not None:
+                await launch.exited.wait()
+                launch = slot.launch
+
+    # ------------------------------------------------------------------ supervision
+
+    async def _supervise(self, slot: _Slot) -> None:
+        failures = 0
+        stop = self._stop_requested
+        assert stop is not None
+        while not stop.is_set():
+            started, error = await self._run_worker(slot)
+            if stop.is_set():
+                break
+            if started:
+                failures = 0
+            else:
+                failures += 1
+                if failures > self._options.max_restarts:
+                    self._break(slot, error)
+                    return
+            slot.restarts += 1
+            slot.state = "restarting"
+            if failures:
+                low, high = RESTART_BACKOFF_S
+                with anyio.move_on_after(min(high, low * 2 ** (failures - 1))):
+                    await stop.wait()
+        slot.state = "stopped"
+
+    def _break(self, slot: _Slot, error: StartFailed | None) -> None:
+        message = (
+            f"worker {slot.index} of {self._spec.name} failed to start "
+            f"{self._options.max_restarts + 1} times in a row"
+        )
+        if error is not None:
+            message += f": {error}"
+            if error.text:
+                message += "\n\nThe worker's traceback:\n" + error.text.rstrip()
+        broken = BrokenPluginPool(message)
+        self._broken = broken
+        slot.state = "broken"
+        for future in list(self._waiting):
+            future._fail(broken)
+        self._notify_ready()
+
+    def _notify_ready(self) -> None:
+        changed = self._ready_changed
+        self._ready_changed = anyio.Event()
+        if changed is not None:
+            changed.set()
+
+    async def _run_worker(self, slot: _Slot) -> tuple[bool, StartFailed | None]:
+        """One worker process from start to end: (got ready?, why it failed to start)."""
+        options = self._options
+        assert self._service_payload is not None
+        slot.state = "starting"
+        try:
+            launch = await launch_worker(
+                index=slot.index,
+                service_payload=self._service_payload,
+                transport=options.transport,
+                link_options=options.link,
+                python=options.python,
+                env=options.env,
+                workers=len(self._slots),
+            )
+        except Exception as exc:
+            return False, StartFailed(f"could not start a worker: {exc}")
+        slot.launch = launch
+        self._processes.launches[slot.index] = launch
+        started = False
+        error: StartFailed | None = None
+        try:
+            try:
+                await launch.wait_ready(options.start_timeout)
+            except StartFailed as exc:
+                error = exc
+            except Exception as exc:
+                error = StartFailed(f"worker start-up failed: {exc!r}")
+            else:
+                started = await self._serve_worker(slot, launch)
+        finally:
+            transport = launch.transport
+            if transport is not None and not started:
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+            slot.session = None
+            grace = STOP_GRACE_S if started else 0.0
+            await stop_process(launch, grace)
+            self._processes.launches.pop(slot.index, None)
+            slot.launch = None
+        return started, error
+
+    async def _serve_worker(self, slot: _Slot, launch: WorkerLaunch) -> bool:
+        assert launch.transport is not None
+        stop = self._stop_requested
+        assert stop is not None
+        async with (
+            open_session(
+                launch.transport, role=Role.INITIATOR, call_timeout=self._options.call_timeout
+            ) as session,
+            anyio.create_task_group() as tg,
+        ):
+            slot.session = session
+            slot.state = "ready"
+            slot.startup_seconds = time.monotonic() - launch.started_at
+            self._notify_ready()
+
+            async def watch_process() -> None:
+                code = await launch.wait_exit()
+                mark = getattr(launch.transport, "mark_peer_dead", None)
+                if mark is not None:
+                    mark(f"worker {slot.index} (pid {launch.pid}) {describe_exit(code)}")
+                tg.cancel_scope.cancel()
+
+            async def watch_stop() -> None:
+                await stop.wait()
+                tg.cancel_scope.cancel()
+
+            async def watch_session() -> None:
+                await session.wait_closed()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_process)
+            tg.start_soon(watch_stop)
+            tg.start_soon(watch_session)
+        slot.session = None
+        slot.state = "restarting"
+        return True
+
+    # ------------------------------------------------------------------ calls
+
+    def submit(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Call ``method`` (the service's function, e.g. ``Calculator.add``) in a worker.
+
+        Returns a :class:`rapace.Future` at once; the call runs on the pool's loop.
+        """
+        spec = self._method(method)
+        if spec.kind.handler_streams:
+            raise TypeError(
+                f"{spec.qualified_name} streams its results: call it through pool.proxy"
+            )
+        return self._call(spec, args, kwargs)
+
+    def _method(self, method: Callable[..., Any] | str) -> MethodSpec:
+        name = method if isinstance(method, str) else getattr(method, "__name__", None)
+        for spec in self._spec.methods:
+            if spec.name == name:
+                return spec
+        raise ValueError(f"{method!r} is not a method of {self._spec.name}")
+
+    def _check_open(self) -> LoopHandle:
+        if self._state != "running":
+            raise RuntimeError(f"cannot schedule new calls: the pool is {self._state}")
+        assert self._loop is not None
+        return self._loop
+
+    def _call(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        future: Future[Any] = Future(self._loop)
+        remaining = _remaining_time()
+        self._run_soon(lambda: self._start_call(spec, args, kwargs, future, remaining))
+        return future
+
+    def _start_call(
+        self,
+        spec: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: Future[Any],
+        remaining: float | None,
+    ) -> None:
+        if future.cancelled():
+            return
+        self._calls += 1
+        assert self._task_group is not None
+        self._task_group.start_soon(self._run_call, spec, args, kwargs, future, remaining)
+
+    async def _run_call(
+        self,
+        spec: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: Future[Any],
+        remaining: float | None,
+    ) -> None:
+        deadline = math.inf if remaining is None else anyio.current_time() + remaining
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                loop = self._loop
+                assert loop is not None
+                future._on_cancel = lambda: loop.call_soon(scope.cancel)
+                if future.cancelled():
+                    return
+                try:
+                    result = await self._call_in_worker(spec, args, kwargs, future)
+                except Exception as exc:
+                    self.stats_errors += 1
+                    future._fail(exc)
+                else:
+                    future._resolve(result)
+            if scope.cancelled_caught and not future.done():
+                future._fail(TimeoutError(f"{spec.qualified_name}: the caller's deadline passed"))
+        finally:
+            self.stats_calls += 1
+            self._calls -= 1
+            idle = self._calls_idle
+            if not self._calls and idle is not None:
+                idle.set()
+
+    async def _pick(self, future: Future[Any] | None) -> _Slot:
+        """The ready worker with the fewest calls in flight; waits while none is ready."""
+        while True:
+            if self._broken is not None:
+                raise self._broken
+            if self._state != "running" and self._state != "stopping":
+                raise RuntimeError("the pool is closed")
+            best: _Slot | None = None
+            for slot in self._slots:
+                if slot.state == "ready" and (best is None or slot.in_flight < best.in_flight):
+                    best = slot
+            if best is not None:
+                return best
+            assert self._ready_changed is not None
+            if future is not None:
+                self._waiting.add(future)
+            try:
+                await self._ready_changed.wait()
+            finally:
+                if future is not None:
+                    self._waiting.discard(future)
+
+    async def _call_in_worker(
+        self,
+        spec: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: Future[Any] | None,
+    ) -> Any:
+        slot = await self._pick(future)
+        session, launch = slot.session, slot.launch
+        assert session is not None
+        assert launch is not None
+        slot.in_flight += 1
+        try:
+            return await session.call(spec, args, kwargs)
+        except (Unavailable, ProtocolError) as exc:
+            raise await self._crash_error(slot, launch, spec, exc) from None
+        finally:
+            slot.in_flight -= 1
+
+    async def _crash_error(
+        self, slot: _Slot, launch: WorkerLaunch, spec: MethodSpec, error: RapaceError
+    ) -> BaseException:
+        """The error for a call that lost its session: WorkerCrashed if the worker died."""
+        with anyio.move_on_after(CRASH_REPORT_WAIT_S):
+            await launch.exited.wait()
+        code = launch.exit_code
+        if launch.exited.is_set() and (self._state == "running" or code != 0):
+            crashed = WorkerCrashed(
+                f"worker {slot.index} (pid {launch.pid}) {describe_exit(code)} while running "
+                f"{spec.qualified_name}",
+                pid=launch.pid,
+                exitcode=code,
+                method=spec.qualified_name,
+            )
+            crashed.__cause__ = error
+            return crashed
+        return error
+
+    def map(
+        self,
+        method: Callable[..., T],
+        /,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        ordered: bool = True,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        end = None if timeout is None else time.monotonic() + timeout
+        futures = [self.submit(method, *args) for args in zip(*iterables, strict=False)]
+
+        def results() -> Iterator[T]:
+            import concurrent.futures
+
+            try:
+                if ordered:
+                    for future in futures:
+                        left = None if end is None else max(0.0, end - time.monotonic())
+                        yield future.result(left)
+                else:
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    for done in concurrent.futures.as_completed(futures, left):
+                        yield done.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        return results()
+
+    def broadcast(
+        self, method: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> list[Future[Any]]:
+        """Call ``method`` once in every ready worker."""
+        spec = self._method(method)
+        self._check_open()
+        futures: list[Future[Any]] = []
+        for slot in self._slots:
+            future: Future[Any] = Future(self._loop)
+            futures.append(future)
+
+            def start(slot: _Slot = slot, future: Future[Any] = future) -> None:
+                self._calls += 1
+                assert self._task_group is not None
+                self._task_group.start_soon(self._run_on, slot, spec, args, kwargs, future)
+
+            self._run_soon(start)
+        return futures
+
+    async def _run_on(
+        self,
+        slot: _Slot,
+        spec: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: Future[Any],
+    ) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                loop = self._loop
+                assert loop is not None
+                future._on_cancel = lambda: loop.call_soon(scope.cancel)
+                while slot.state != "ready":
+                    if self._broken is not None:
+                        raise self._broken
+                    assert self._ready_changed is not None
+                    await self._ready_changed.wait()
+                session, launch = slot.session, slot.launch
+                assert session is not None
+                assert launch is not None
+                slot.in_flight += 1
+                try:
+                    future._resolve(await session.call(spec, args, kwargs))
+                except (Unavailable, ProtocolError) as exc:
+                    future._fail(await self._crash_error(slot, launch, spec, exc))
+                except Exception as exc:
+                    future._fail(exc)
+                finally:
+                    slot.in_flight -= 1
+        except Exception as exc:
+            future._fail(exc)
+        finally:
+            self._calls -= 1
+            idle = self._calls_idle
+            if not self._calls and idle is not None:
+                idle.set()
+
+    # ------------------------------------------------------------------ streams
+
+    def _stream(
+        self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Stream[Any]:
+        loop = self._check_open()
+        stream: Stream[Any] = Stream(loop, spec.qualified_name)
+        remaining = _remaining_time()
+
+        def start() -> None:
+            self._calls += 1
+            assert self._task_group is not None
+            self._task_group.start_soon(self._run_stream, spec, args, kwargs, stream, remaining)
+
+        self._run_soon(start)
+        return stream
+
+    async def _run_stream(
+        self,
+        spec: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stream: Stream[Any],
+        remaining: float | None,
+    ) -> None:
+        deadline = math.inf if remaining is None else anyio.current_time() + remaining
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                loop = self._loop
+                assert loop is not None
+                stream._on_close = lambda: scope.cancel()
+                if stream._closed:
+                    return
+                slot = await self._pick(None)
+                session, launch = slot.session, slot.launch
+                assert session is not None
+                assert launch is not None
+                slot.in_flight += 1
+                try:
+                    async with session.stream(spec, args, kwargs) as remote:
+                        async for item in remote:
+                            if not stream._push(item):
+                                resumed = anyio.Event()
+                                if stream._set_producer_wake(resumed.set):
+                                    await resumed.wait()
+                    stream._finish()
+                except (Unavailable, ProtocolError) as exc:
+                    stream._finish(await self._crash_error(slot, launch, spec, exc))
+                except Exception as exc:
+                    stream._finish(exc)
+                finally:
+                    slot.in_flight -= 1
+            if scope.cancelled_caught:
+                stream._finish(TimeoutError(f"{spec.qualified_name}: the deadline passed"))
+        except Exception as exc:
+            stream._finish(exc)
+        finally:
+            if not stream._finished:
+                stream._finish()
+            self._calls -= 1
+            idle = self._calls_idle
+            if not self._calls and idle is not None:
+                idle.set()
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def proxy(self) -> S:
+        """A client typed like the service: unary methods return :class:`rapace.Future`,
+        streaming methods :class:`rapace.Stream`."""
+        if self._proxy is None:
+            self._proxy = _PoolProxy(self)
+        return cast(S, self._proxy)
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        return [slot.info() for slot in self._slots]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this pool (more arrive with the operations issue)."""
+        return {
+            "calls": self.stats_calls,
+            "errors": self.stats_errors,
+            "restarts": sum(slot.restarts for slot in self._slots),
+            "in_flight": self._calls,
+        }
+
+
+class _PoolProxy:
+    def __init__(self, pool: PluginPool[Any]) -> None:
+        self._pool = pool
+        for spec in pool._spec.methods:
+            setattr(self, spec.name, _bind(pool, spec))
+
+    def __repr__(self) -> str:
+        return f"<rapace pool proxy for {self._pool._spec.name}>"
+
+
+def _bind(pool: PluginPool[Any], spec: MethodSpec) -> Callable[..., Any]:
+    if spec.kind.handler_streams:
+
+        def stream(*args: Any, **kwargs: Any) -> Stream[Any]:
+            return pool._stream(spec, args, kwargs)
+
+        stream.__name__ = stream.__qualname__ = spec.name
+        return stream
+
+    def call(*args: Any, **kwargs: Any) -> Future[Any]:
+        return pool._call(spec, args, kwargs)
+
+    call.__name__ = call.__qualname__ = spec.name
+    return call
+
+
+def _in_task() -> bool:
+    try:
+        anyio.get_current_task()
+    except Exception:
+        return False
+    return True
+
+
+def _remaining_time() -> float | None:
+    """Seconds left before the calling task's anyio deadline, if it runs in an event loop."""
+    try:
+        deadline = anyio.current_effective_deadline()
+        now = anyio.current_time()
+    except Exception:  # no event loop in this thread (sniffio cannot tell which)
+        return None
+    if math.isinf(deadline):
+        return None
+    return max(0.0, deadline - now)

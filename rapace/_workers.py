@@ -1,0 +1,287 @@
+"""Starting, watching and stopping one pool worker process.
+
+A worker is ``python -m rapace.worker`` started with ``subprocess.Popen`` from the pool's loop
+thread (never a fork of a threaded host, never a re-run of the user's ``__main__``), with its
+fds passed through ``pass_fds``. The host learns of its death at once through a pidfd; the
+worker learns of the host's through a pipe only the host holds open, and through the
+parent-death signal, which is tied to the spawning thread: the pool's loop thread lives as
+long as the pool, so it is the right thread to spawn from.
+
+Start-up is a small protocol on a status pipe: the worker writes ``R`` once its service is
+constructed and its end of the link is open, or ``E`` and its traceback if that failed, so a
+slow ``__init__`` (loading a model) is not mistaken for a hung handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from rapace._bootstrap import ENV_VAR, Bootstrap, write_service_payload
+from rapace.shm import LinkOptions, create_link, sweep_owner
+from rapace.shm._liveness import death_pipe, pidfd_open
+from rapace.streams._abc import Transport
+
+__all__ = ("StartFailed", "WorkerLaunch", "launch_worker", "stop_process")
+
+#: BLAS/OpenMP thread-count variables a worker gets unless the user set them.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+class StartFailed(Exception):
+    """A worker died or failed before it was ready; ``text`` is its traceback if it sent one."""
+
+    def __init__(self, message: str, text: str = "") -> None:
+        super().__init__(message)
+        self.text = text
+
+
+@dataclass
+class WorkerLaunch:
+    """A started worker process and the host's ends of everything it was given."""
+
+    process: subprocess.Popen[bytes]
+    transport: Transport | None
+    pidfd: int | None
+    status_fd: int
+    death_write_fd: int
+    started_at: float
+    tcp_listener: Any = None
+    exit_code: int | None = None
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait_ready(self, limit: float) -> None:
+        """Wait for the worker's ``R``; then, for TCP, its connection.
+
+        Raises:
+            StartFailed: it failed, died or took longer than ``timeout`` seconds.
+        """
+        data = b""
+        with anyio.move_on_after(limit) as scope:
+            while True:
+                await anyio.wait_readable(self.status_fd)
+                chunk = os.read(self.status_fd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+                if data == b"R":
+                    break
+        if scope.cancelled_caught:
+            raise StartFailed(f"worker did not start within {limit} s")
+        if data == b"R":
+            if self.tcp_listener is not None:
+                self.transport = await self._accept_tcp(limit)
+            return
+        text = data[1:].decode("utf-8", "replace") if data.startswith(b"E") else ""
+        code = self.process.poll()
+        if code is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = await anyio.to_thread.run_sync(self.process.wait, 5.0)
+        raise StartFailed(f"worker exited during start-up ({describe_exit(code)})", text)
+
+    async def _accept_tcp(self, limit: float) -> Transport:
+        from rapace.streams._auth import send_greeting
+        from rapace.streams._stream_transport import StreamTransport
+
+        listener, token = self.tcp_listener
+        with anyio.fail_after(limit):
+            stream = await listener.listeners[0].accept()
+            try:
+                initial = await send_greeting(stream, token)
+            except BaseException:
+                await stream.aclose()
+                raise
+        await listener.aclose()
+        self.tcp_listener = None
+        return StreamTransport(stream, initial=initial)
+
+    async def wait_exit(self) -> int | None:
+        """Wait until the process ends (pidfd, or a thread where there is none)."""
+        if self.pidfd is not None:
+            with contextlib.suppress(anyio.ClosedResourceError, OSError):
+                await anyio.wait_readable(self.pidfd)
+            return await anyio.to_thread.run_sync(self.process.wait)
+        return await anyio.to_thread.run_sync(self.process.wait, abandon_on_cancel=True)
+
+    def close_fds(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self.status_fd, self.death_write_fd, self.pidfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+def worker_environment(
+    boot: Bootstrap, extra: Mapping[str, str] | None, workers: int
+) -> dict[str, str]:
+    env = dict(os.environ)
+    # Workers import what the host imports: its sys.path, first.
+    paths = [p for p in sys.path if p]
+    if os.getcwd() not in paths:
+        paths.insert(0, os.getcwd())
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([existing] if existing else []))
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    for name in THREAD_VARIABLES:
+        env.setdefault(name, threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    env[ENV_VAR] = boot.to_environment()
+    return env
+
+
+async def launch_worker(
+    *,
+    index: int,
+    service_payload: bytes,
+    transport: str,
+    link_options: LinkOptions,
+    python: str | None,
+    env: Mapping[str, str] | None,
+    workers: int,
+    backend: str = "asyncio",
+) -> WorkerLaunch:
+    """Start one worker; the caller waits for :meth:`WorkerLaunch.wait_ready`."""
+    to_close: list[int] = []
+    host_transport: Transport | None = None
+    tcp_listener: Any = None
+    status_read, status_write = os.pipe()
+    death_read, death_write = death_pipe()
+    service_fd = write_service_payload(service_payload)
+    to_close += [status_write, death_read, service_fd]
+    pass_fds: list[int] = [status_write, death_read, service_fd]
+    link = token = ""
+    try:
+        if transport == "shm":
+            shm_transport, offer = create_link(link_options)
+            host_transport = shm_transport
+            pass_fds += offer.pass_fds
+            link = offer.encode()
+        elif transport == "unix":
+            from rapace.streams._stream_transport import StreamTransport
+            from rapace.streams._unix import UnixByteStream
+
+            host_sock, worker_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            to_close.append(worker_sock.detach())
+            pass_fds.append(to_close[-1])
+            link = str(to_close[-1])
+            host_transport = StreamTransport(UnixByteStream(host_sock))
+        elif transport == "tcp":
+            import secrets
+
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            token = secrets.token_hex(16)
+            tcp_listener = (listener, token.encode())
+            link = f"tcp://127.0.0.1:{port}"
+        else:
+            raise ValueError(f"unknown transport {transport!r} (use 'shm', 'unix' or 'tcp')")
+        boot = Bootstrap(
+            index=index,
+            host_pid=os.getpid(),
+            death_fd=death_read,
+            status_fd=status_write,
+            service_fd=service_fd,
+            transport=transport,
+            link=link,
+            token=token,
+            backend=backend,
+        )
+        command: Sequence[str] = [python or sys.executable, "-m", "rapace.worker"]
+        started_at = time.monotonic()
+        # Spawned here, synchronously, on purpose: the parent-death signal is tied to the
+        # spawning thread, and this is the pool's loop thread, which lives as long as it.
+        process = subprocess.Popen(  # noqa: ASYNC220
+            command,
+            env=worker_environment(boot, env, workers),
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+        )
+    except BaseException:
+        for fd in (status_read, death_write, *to_close):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if host_transport is not None:
+            with anyio.CancelScope(shield=True):
+                await host_transport.aclose()
+        if tcp_listener is not None:
+            await tcp_listener[0].aclose()
+        raise
+    for fd in to_close:
+        os.close(fd)
+    if transport == "shm":
+        host_transport.unlink_name()  # type: ignore[union-attr]  # the worker holds the fd
+    pidfd = pidfd_open(process.pid)
+    if transport == "shm" and pidfd is not None:
+        host_transport.watch_peer(pidfd)  # type: ignore[union-attr]
+    return WorkerLaunch(
+        process=process,
+        transport=host_transport,
+        pidfd=pidfd,
+        status_fd=status_read,
+        death_write_fd=death_write,
+        started_at=started_at,
+        tcp_listener=tcp_listener,
+    )
+
+
+async def stop_process(launch: WorkerLaunch, grace: float) -> int | None:
+    """Wait ``grace`` seconds for the worker to exit, then SIGTERM, then SIGKILL; reap it,
+    remove any segment it left, and close the host's fds. Returns the exit status."""
+    process = launch.process
+    with anyio.CancelScope(shield=True):
+        for action in (None, process.terminate, process.kill):
+            if action is not None and process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    action()
+            with anyio.move_on_after(grace if action is None else 2.0):
+                await launch.wait_exit()
+            if process.poll() is not None:
+                break
+        code = process.poll()
+        if code is None:  # unkillable (uninterruptible sleep): reap it in the background
+            code = process.wait()
+        sweep_owner(process.pid)
+        launch.close_fds()
+        launch.exit_code = code
+        launch.exited.set()
+        if launch.tcp_listener is not None:
+            await launch.tcp_listener[0].aclose()
+            launch.tcp_listener = None
+    return code

@@ -1,0 +1,129 @@
+"""A pool worker: ``python -m rapace.worker``, started by :class:`rapace.PluginPool`.
+
+Everything it needs arrives from its host (``rapace._bootstrap``): how to reach the host
+(inherited fds of a shared-memory link or a Unix socket, or a TCP address and token), the
+service class and constructor arguments (cloudpickled into an inherited memfd: by reference for
+importable classes, by value for classes defined in ``__main__`` or a notebook), the host's
+pid, a pipe whose EOF means the host died, and a pipe for a start-up traceback.
+
+The worker builds the service first and only then opens its session: the Hello it sends is
+the host's signal that this worker is ready. A failure before that is written to the status
+pipe, so the host can show the user the worker's own traceback.
+
+The worker ignores SIGINT (Ctrl-C in a terminal reaches the whole process group; the host
+decides what stops) and exits on its own when the host goes away: its session ends (the death
+pipe or the peer's close), or the parent-death signal arrives; either way it removes whatever
+shared memory the dead host left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from types import FrameType
+from typing import Any, NoReturn
+
+__all__ = ("main",)
+
+# Exit codes the host understands (anything else is a crash).
+EXIT_OK = 0
+EXIT_START_FAILED = 3
+
+
+def main() -> NoReturn:
+    from rapace._bootstrap import Bootstrap
+
+    boot = Bootstrap.from_environment()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_host(boot.host_pid, boot.death_fd)
+    try:
+        impl, transport = _start(boot)
+    except BaseException:
+        _report_start_failure(boot.status_fd)
+        _exit(boot, EXIT_START_FAILED)
+    _write_all(boot.status_fd, b"R")
+    os.close(boot.status_fd)
+    code = EXIT_OK
+    try:
+        import anyio
+
+        anyio.run(_serve, impl, transport, backend=boot.backend)
+    except SystemExit:  # the parent-death signal: the host is gone
+        pass
+    except BaseException:  # an unexpected crash of the session itself: say so, exit non-zero
+        traceback.print_exc()
+        code = 1
+    _exit(boot, code)
+
+
+def _start(boot: Any) -> tuple[object, Any]:
+    service, args, kwargs = boot.load_service()
+    impl = service(*args, **kwargs)
+    transport = boot.open_transport()
+    return impl, transport
+
+
+async def _serve(impl: object, transport: Any) -> None:
+    from rapace._bootstrap import _LazyTcp
+    from rapace.session import open_session
+    from rapace.wire import Role
+
+    if isinstance(transport, _LazyTcp):
+        from rapace.streams._net import connect_transport
+
+        transport = await connect_transport(transport.url, token=transport.token)
+    async with open_session(transport, role=Role.ACCEPTOR, serve=impl) as session:
+        await session.wait_closed()
+
+
+def _report_start_failure(status_fd: int) -> None:
+    _write_all(status_fd, b"E" + traceback.format_exc().encode("utf-8", "replace"))
+    os.close(status_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        pass  # the host is gone: nobody to tell
+
+
+def _watch_host(host_pid: int, death_fd: int) -> None:
+    """Arm the parent-death signal; exit now if the host is already gone."""
+    from rapace.shm._liveness import arm_parent_death_signal
+
+    def on_host_death(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(EXIT_OK)
+
+    signal.signal(signal.SIGTERM, on_host_death)
+    if (
+        not arm_parent_death_signal(signal.SIGTERM, expected_parent=host_pid)
+        and os.getppid() != host_pid
+    ):
+        _cleanup_after_host(host_pid)
+        os._exit(EXIT_OK)
+
+
+def _cleanup_after_host(host_pid: int) -> None:
+    from rapace.shm import sweep_owner
+
+    sweep_owner(host_pid)
+
+
+def _exit(boot: Any, code: int) -> NoReturn:
+    from rapace.shm._liveness import fd_readable
+
+    if fd_readable(boot.death_fd):  # EOF: the host is gone, remove what it left
+        _cleanup_after_host(boot.host_pid)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Handler threads of plain def methods may still run: do not wait for them.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

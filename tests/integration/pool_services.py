@@ -1,0 +1,88 @@
+"""Services the pool tests run in real worker processes (importable by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import anyio
+
+import rapace
+from rapace import Streaming
+
+
+@rapace.service
+class Calculator:
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+        self.cancelled = 0
+        self._cancelled_event: anyio.Event | None = None
+
+    def _cancelled(self) -> anyio.Event:
+        if self._cancelled_event is None:  # created on the worker's loop, on first use
+            self._cancelled_event = anyio.Event()
+        return self._cancelled_event
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b + self.offset
+
+    async def range(self, n: int) -> Streaming[int]:
+        for i in range(n):
+            yield i
+
+    async def total(self, xs: Streaming[int]) -> int:
+        return sum([x async for x in xs])
+
+    async def scale(self, xs: Streaming[float], k: float) -> Streaming[float]:
+        async for x in xs:
+            yield x * k
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def sleep(self, seconds: float) -> float:
+        try:
+            await anyio.sleep(seconds)
+        except BaseException:
+            self.cancelled += 1
+            self._cancelled().set()
+            raise
+        return seconds
+
+    async def cancellations(self) -> int:
+        return self.cancelled
+
+    async def wait_cancelled(self) -> int:
+        """Return once a ``sleep`` was cancelled (at once if one already was)."""
+        await self._cancelled().wait()
+        return self.cancelled
+
+    def block(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    async def die(self, how: str) -> int:
+        if how == "exit":
+            os._exit(7)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    async def fail(self, message: str) -> int:
+        raise ValueError(message)
+
+    def environment(self, name: str) -> str | None:
+        return os.environ.get(name)
+
+    def threads(self) -> int:
+        return threading.active_count()
+
+
+@rapace.service
+class BrokenAtStart:
+    def __init__(self) -> None:
+        raise RuntimeError("cannot open the model file")
+
+    async def ping(self) -> int:
+        return 1

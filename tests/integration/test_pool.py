@@ -1,0 +1,210 @@
+"""PluginPool with real worker processes: API.md section 2 as written, threads and loops,
+crashes and restarts, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+import rapace
+from rapace import PluginPool
+
+from .pool_services import BrokenAtStart, Calculator
+
+ROOT = Path(__file__).parents[2]
+TRANSPORTS = ["shm", "unix", "tcp"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_sync_example_of_the_api(transport: str) -> None:
+    with PluginPool(Calculator, workers=2, transport=transport) as pool:  # type: ignore[arg-type]
+        fut = pool.submit(Calculator.add, 2, 3)
+        assert isinstance(fut, rapace.Future)
+        assert fut.result(timeout=10) == 5
+        assert list(pool.map(Calculator.add, [1, 2], [10, 20])) == [11, 22]
+
+        calc = pool.proxy
+        assert calc.add(2, 3).result(timeout=10) == 5
+        assert list(calc.range(3)) == [0, 1, 2]
+        assert calc.total([1, 2, 3]).result(timeout=10) == 6
+        assert list(calc.scale([1.0, 2.0], k=3.0)) == [3.0, 6.0]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_async_example_of_the_api(backend: str) -> None:
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with PluginPool(Calculator, workers=2) as pool:
+                assert await pool.proxy.add(2, 3) == 5
+                assert [x async for x in pool.proxy.range(3)] == [0, 1, 2]
+                assert await pool.submit(Calculator.add, 1, 1) == 2
+
+    anyio.run(main, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def pool() -> PluginPool[Calculator]:
+    with PluginPool(Calculator, workers=2, args=(100,)) as pool:
+        yield pool  # type: ignore[misc]
+
+
+def test_constructor_arguments_reach_every_worker(pool: PluginPool[Calculator]) -> None:
+    results = [f.result(timeout=10) for f in pool.broadcast(Calculator.add, 1, 2)]
+    assert results == [103, 103]
+    pids = {f.result(timeout=10) for f in pool.broadcast(Calculator.pid)}
+    assert len(pids) == 2
+    assert os.getpid() not in pids
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_futures_are_awaitable_from_another_loop(
+    pool: PluginPool[Calculator], backend: str
+) -> None:
+    """A pool with its own loop thread, awaited from a loop in this thread (as Jupyter)."""
+
+    async def main() -> None:
+        with anyio.fail_after(10):
+            assert await pool.proxy.add(1, 2) == 103
+            assert [x async for x in pool.proxy.range(4)] == [0, 1, 2, 3]
+
+    anyio.run(main, backend=backend)
+
+
+def test_blocking_calls_work_from_many_threads(pool: PluginPool[Calculator]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        results = list(
+            threads.map(lambda i: pool.submit(Calculator.add, i, 0).result(10), range(200))
+        )
+    assert results == [i + 100 for i in range(200)]
+
+
+def test_an_error_keeps_its_type_and_the_pool_keeps_working(pool: PluginPool[Calculator]) -> None:
+    with pytest.raises(ValueError, match="bad input"):
+        pool.submit(Calculator.fail, "bad input").result(timeout=10)
+    assert pool.submit(Calculator.add, 1, 1).result(timeout=10) == 102
+
+
+def test_cancel_cancels_the_call_in_the_worker() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        fut = pool.submit(Calculator.sleep, 30.0)
+        assert not fut.running()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            fut.result(timeout=0.2)  # it is running in the worker by now
+        assert fut.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            fut.result(timeout=1)
+        # The cancellation reaches the handler in the worker (bounded wait, not a poll).
+        assert pool.submit(Calculator.wait_cancelled).result(timeout=10) == 1
+
+
+def test_a_deadline_around_await_cancels_the_handler() -> None:
+    async def main() -> None:
+        async with PluginPool(Calculator, workers=1) as pool:
+            with pytest.raises(TimeoutError), anyio.fail_after(0.3):
+                await pool.proxy.sleep(30.0)
+            with anyio.fail_after(10):
+                assert await pool.proxy.wait_cancelled() == 1
+
+    anyio.run(main)
+
+
+def test_call_timeout_raises_deadline_exceeded() -> None:
+    with PluginPool(Calculator, workers=1, call_timeout=0.3) as pool:
+        with pytest.raises(rapace.DeadlineExceeded):
+            pool.submit(Calculator.sleep, 30.0).result(timeout=10)
+        assert pool.submit(Calculator.add, 2, 2).result(timeout=10) == 4
+
+
+def test_a_plain_def_handler_releases_its_caller_at_once() -> None:
+    """A blocking handler cannot be interrupted, but its caller is released at the deadline
+    (waiting here for less than the handler's 30 s proves it)."""
+    with (
+        PluginPool(Calculator, workers=1, call_timeout=0.3) as pool,
+        pytest.raises(rapace.DeadlineExceeded),
+    ):
+        pool.submit(Calculator.block, 30.0).result(timeout=10)
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_a_dying_worker_fails_only_its_calls_and_is_replaced(how: str) -> None:
+    with PluginPool(Calculator, workers=2) as pool:
+        survivor = pool.submit(Calculator.sleep, 1.0)
+        with pytest.raises(rapace.WorkerCrashed) as info:
+            pool.submit(Calculator.die, how).result(timeout=20)
+        crash = info.value
+        assert crash.pid is not None
+        assert crash.pid != os.getpid()
+        assert crash.exitcode == (7 if how == "exit" else -9)
+        assert crash.method == "Calculator.die"
+        assert survivor.result(timeout=20) == 1.0
+        # Later calls succeed, on the replacement as well.
+        assert [f.result(timeout=30) for f in pool.broadcast(Calculator.add, 1, 1)] == [2, 2]
+        assert sum(w.restarts for w in pool.workers) == 1
+
+
+def test_workers_failing_to_start_break_the_pool_with_their_traceback() -> None:
+    with (
+        pytest.raises(rapace.BrokenPluginPool, match="cannot open the model file") as info,
+        PluginPool(BrokenAtStart, workers=1, max_restarts=1),
+    ):
+        pass
+    assert isinstance(info.value, concurrent.futures.BrokenExecutor)
+    assert "RuntimeError" in str(info.value)
+
+
+def test_submit_after_shutdown_raises() -> None:
+    pool = PluginPool(Calculator, workers=1).start()
+    fut = pool.submit(Calculator.sleep, 0.3)
+    pool.shutdown(wait=True)
+    assert fut.result(timeout=0) == 0.3  # shutdown(wait=True) waited for it
+    with pytest.raises(RuntimeError, match=r"shut|closed|stopping"):
+        pool.submit(Calculator.add, 1, 2)
+
+
+def test_a_blocking_wait_on_the_pools_own_loop_is_an_error() -> None:
+    async def main() -> None:
+        async with PluginPool(Calculator, workers=1) as pool:
+            with pytest.raises(RuntimeError, match="event loop"):
+                list(pool.proxy.range(3))
+            with pytest.raises(RuntimeError, match="event loop"):
+                pool.submit(Calculator.add, 1, 2).result()
+
+    anyio.run(main)
+
+
+def test_environment_reaches_the_workers() -> None:
+    with PluginPool(Calculator, workers=1, env={"RAPACE_TEST_VALUE": "42"}) as pool:
+        assert pool.submit(Calculator.environment, "RAPACE_TEST_VALUE").result(10) == "42"
+        assert pool.submit(Calculator.environment, "OMP_NUM_THREADS").result(10) is not None
+
+
+def test_a_main_module_service_without_a_guard_works(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import rapace
+
+            @rapace.service
+            class Doubler:
+                async def double(self, x: int) -> int:
+                    return 2 * x
+
+            with rapace.PluginPool(Doubler, workers=2) as pool:
+                print(list(pool.map(Doubler.double, range(5))))
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[0, 2, 4, 6, 8]\n"
+    assert result.stderr == ""
