@@ -29,6 +29,7 @@ import anyio
 
 from rapace._bootstrap import ENV_VAR, Bootstrap, write_service_payload
 from rapace.shm import LinkOptions, create_link, sweep_owner
+from rapace.shm._cleanup import process_start_time
 from rapace.shm._liveness import death_pipe, pidfd_open
 from rapace.streams._abc import Transport
 
@@ -63,6 +64,7 @@ class WorkerLaunch:
     death_write_fd: int
     started_at: float
     tcp_listener: Any = None
+    start_time: int = 0  # the worker's, recorded while it runs: see sweep_owner
     exit_code: int | None = None
     exited: anyio.Event = field(default_factory=anyio.Event)
     _closed: bool = field(default=False, repr=False)
@@ -248,6 +250,7 @@ async def launch_worker(
     if transport == "shm":
         host_transport.unlink_name()  # type: ignore[union-attr]  # the worker holds the fd
     pidfd = pidfd_open(process.pid)
+    start_time = process_start_time(process.pid) or 0
     if transport == "shm" and pidfd is not None:
         host_transport.watch_peer(pidfd)  # type: ignore[union-attr]
     return WorkerLaunch(
@@ -258,6 +261,7 @@ async def launch_worker(
         death_write_fd=death_write,
         started_at=started_at,
         tcp_listener=tcp_listener,
+        start_time=start_time,
     )
 
 
@@ -277,7 +281,7 @@ async def stop_process(launch: WorkerLaunch, grace: float) -> int | None:
         code = process.poll()
         if code is None:  # unkillable (uninterruptible sleep): reap it in the background
             code = process.wait()
-        sweep_owner(process.pid)
+        sweep_owner(process.pid, launch.start_time)
         launch.close_fds()
         launch.exit_code = code
         launch.exited.set()

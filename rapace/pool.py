@@ -119,7 +119,7 @@ class _Processes:
                     process.wait(timeout=5)
             from rapace.shm import sweep_owner
 
-            sweep_owner(process.pid)
+            sweep_owner(process.pid, launch.start_time)
             launch.close_fds()
         self.launches.clear()
 
@@ -722,6 +722,8 @@ class PluginPool(Generic[S]):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         end = None if timeout is None else time.monotonic() + timeout
+        if chunksize > 1:
+            return self._map_chunks(method, iterables, end, chunksize, ordered)
         futures = [self.submit(method, *args) for args in zip(*iterables, strict=False)]
 
         def results() -> Iterator[T]:
@@ -741,6 +743,62 @@ class PluginPool(Generic[S]):
                     future.cancel()
 
         return results()
+
+    def _map_chunks(
+        self,
+        method: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        end: float | None,
+        chunksize: int,
+        ordered: bool,
+    ) -> Iterator[T]:
+        import concurrent.futures
+
+        from rapace._batch import batch_codecs
+        from rapace.session import _bind, _remote_exception
+
+        spec = self._method(method)
+        if spec.kind.handler_streams or spec.kind.caller_streams:
+            raise TypeError(f"map() takes unary methods; {spec.qualified_name} streams")
+        codec = batch_codecs(spec)
+        batch = self._batch_spec()
+        calls = [tuple(_bind(spec, args, {})) for args in zip(*iterables, strict=False)]
+        futures = [
+            self._call(
+                batch, (spec.method_id, codec.calls.encode(calls[i : i + chunksize]).data), {}
+            )
+            for i in range(0, len(calls), chunksize)
+        ]
+
+        def unpack(future: concurrent.futures.Future[Any]) -> Iterator[T]:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            encoded, error = future.result(left)
+            yield from codec.results.decode(encoded)
+            if error is not None:
+                raise _remote_exception(error)
+
+        def results() -> Iterator[T]:
+            try:
+                if ordered:
+                    for future in futures:
+                        yield from unpack(future)
+                else:
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    for done in concurrent.futures.as_completed(futures, left):
+                        yield from unpack(done)
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        return results()
+
+    def _batch_spec(self) -> MethodSpec:
+        from rapace._batch import BATCH_METHOD, with_batching
+
+        for spec in service_spec(with_batching(self._service)).methods:
+            if spec.name == BATCH_METHOD:
+                return spec
+        raise AssertionError("with_batching always adds the batch method")
 
     def broadcast(
         self, method: Callable[..., Any], /, *args: Any, **kwargs: Any

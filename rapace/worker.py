@@ -31,11 +31,16 @@ __all__ = ("main",)
 EXIT_OK = 0
 EXIT_START_FAILED = 3
 
+_host_start = 0
+
 
 def main() -> NoReturn:
     from rapace._bootstrap import Bootstrap
+    from rapace.shm._cleanup import process_start_time
 
     boot = Bootstrap.from_environment()
+    global _host_start
+    _host_start = process_start_time(boot.host_pid) or 0  # while the host surely runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_host(boot.host_pid, boot.death_fd)
     try:
@@ -59,8 +64,10 @@ def main() -> NoReturn:
 
 
 def _start(boot: Any) -> tuple[object, Any]:
+    from rapace._batch import with_batching
+
     service, args, kwargs = boot.load_service()
-    impl = service(*args, **kwargs)
+    impl = with_batching(service)(*args, **kwargs)
     transport = boot.open_transport()
     return impl, transport
 
@@ -111,7 +118,7 @@ def _watch_host(host_pid: int, death_fd: int) -> None:
 def _cleanup_after_host(host_pid: int) -> None:
     from rapace.shm import sweep_owner
 
-    sweep_owner(host_pid)
+    sweep_owner(host_pid, _host_start)
 
 
 def _exit(boot: Any, code: int) -> NoReturn:

@@ -6,7 +6,8 @@ number; the receiver derives the name, opens, validates, copies, and returns the
 like a slot's. Only the owner unlinks. If the owner dies first, the survivor removes every
 segment named with the owner's pid (``sweep_owner``), so a block never outlives both.
 
-Block segment: a 64-byte header (magic, payload length, generation) and then the payload.
+Block segment: a 64-byte header (magic, payload length, generation, the owner's start time)
+and then the payload.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 from typing import Final
 
 from rapace._errors import RemoteProtocolError, Status
+from rapace.shm._cleanup import process_start_time
 from rapace.shm._segment import Segment, segment_name
 from rapace.shm._slots import CLASS_SHIFT, INDEX_MASK
 
@@ -25,7 +27,8 @@ __all__ = ("BLOCK_CLASS", "BlockOwner", "read_block")
 #: The class number of a slot reference that names a block rather than a slot.
 BLOCK_CLASS: Final = 0x7F
 _MAGIC: Final = b"RAPACEBK"
-_HEADER: Final = struct.Struct("<8sQI")
+# magic, payload length, generation, the owner's start time (for sweeping after pid reuse)
+_HEADER: Final = struct.Struct("<8sQIQ")
 _DATA_AT: Final = 64
 
 
@@ -36,12 +39,13 @@ def _block_name(owner_pid: int, token: str, side: str, number: int) -> str:
 class BlockOwner:
     """The sending side's blocks: create one per oversized payload, drop it on return."""
 
-    __slots__ = ("_live", "_next", "_pid", "_side", "_token")
+    __slots__ = ("_live", "_next", "_pid", "_side", "_start_time", "_token")
 
     def __init__(self, token: str, side: str) -> None:
         self._token = token
         self._side = side
         self._pid = os.getpid()
+        self._start_time = process_start_time(self._pid) or 0
         self._next = 0
         self._live: dict[int, tuple[int, Segment]] = {}  # number -> (generation, segment)
 
@@ -58,7 +62,7 @@ class BlockOwner:
             _DATA_AT + nbytes, name=_block_name(self._pid, self._token, self._side, number)
         )
         try:
-            _HEADER.pack_into(segment.buffer, 0, _MAGIC, nbytes, generation)
+            _HEADER.pack_into(segment.buffer, 0, _MAGIC, nbytes, generation, self._start_time)
             segment.buffer[_DATA_AT : _DATA_AT + nbytes] = payload
         except BaseException:
             segment.unlink()
@@ -110,7 +114,7 @@ def read_block(
             status=Status.INVALID_FRAME,
         ) from None
     try:
-        magic, length, stored_generation = _HEADER.unpack_from(segment.buffer, 0)
+        magic, length, stored_generation, _ = _HEADER.unpack_from(segment.buffer, 0)
         if magic != _MAGIC or length != nbytes or stored_generation != generation:
             raise RemoteProtocolError(
                 f"block {name!r} does not match its descriptor "

@@ -26,7 +26,9 @@ __all__ = (
 
 _PID_MAX = 1 << 22  # Linux's ceiling (pid_max is at most 4194304)
 _START_FIELD = 22  # /proc/<pid>/stat: starttime, in clock ticks since boot
-_LINK_HEAD = struct.Struct("<8sIIQIIQ")
+_LINK_HEAD = struct.Struct("<8sIIQIIQ")  # the link header up to the creator's start time
+_BLOCK_HEAD = struct.Struct("<8sQIQ")  # the block header
+_HEADER_BYTES = max(_LINK_HEAD.size, _BLOCK_HEAD.size)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -67,7 +69,8 @@ class StaleSegment:
     size: int
 
 
-def _link_creator_start(name: str) -> int:
+def creator_start(name: str) -> int:
+    """The start time its creator recorded in segment ``name`` (0 when unknown)."""
     # /dev/shm is world-writable: whatever carries a rapace name may be a directory, a FIFO
     # or a link planted by someone else. Never block on it, never follow it.
     try:
@@ -77,15 +80,18 @@ def _link_creator_start(name: str) -> int:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return 0
-        raw = os.pread(fd, _LINK_HEAD.size, 0)
+        raw = os.pread(fd, _HEADER_BYTES, 0)
     except OSError:
         return 0
     finally:
         os.close(fd)
-    if len(raw) < _LINK_HEAD.size:
+    if len(raw) < _HEADER_BYTES:
         return 0
-    magic, *_, start = _LINK_HEAD.unpack(raw)
-    return int(start) if magic == b"RAPACESM" else 0
+    if raw[:8] == b"RAPACESM":
+        return int(_LINK_HEAD.unpack_from(raw)[-1])
+    if raw[:8] == b"RAPACEBK":
+        return int(_BLOCK_HEAD.unpack_from(raw)[-1])
+    return 0
 
 
 def find_stale() -> list[StaleSegment]:
@@ -105,7 +111,7 @@ def find_stale() -> list[StaleSegment]:
             continue
         if not stat.S_ISREG(info.st_mode):
             continue  # not a segment rapace made: not ours to remove
-        if owner_alive(pid, _link_creator_start(name)):
+        if owner_alive(pid, creator_start(name)):
             continue
         size = info.st_size
         stale.append(StaleSegment(name, pid, size))
@@ -117,14 +123,29 @@ def remove_stale() -> list[StaleSegment]:
     return [segment for segment in find_stale() if _unlink(segment.name)]
 
 
-def sweep_owner(pid: int) -> list[str]:
-    """Unlink every rapace segment named with ``pid`` (call only once ``pid`` is dead)."""
+def sweep_owner(pid: int, start_time: int = 0) -> list[str]:
+    """Unlink the segments a dead process left: those named with ``pid``.
+
+    ``pid`` may already belong to a new process. With the dead one's ``start_time`` (taken
+    while it ran), only segments recording that start time are removed; without it, nothing
+    is removed while some process holds the pid.
+    """
     prefix = f"{SHM_PREFIX}{pid:x}_"
     try:
         names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
     except FileNotFoundError:
         return []
-    return [name for name in names if _unlink(name)]
+    removed = []
+    for name in names:
+        recorded = creator_start(name)
+        if start_time and recorded:
+            if recorded != start_time:
+                continue  # made by the process that holds the pid now
+        elif owner_alive(pid):
+            continue
+        if _unlink(name):
+            removed.append(name)
+    return removed
 
 
 def _unlink(name: str) -> bool:

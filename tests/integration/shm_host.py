@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 
 from rapace.shm import LinkOptions, ShmTransport, create_link, sweep_owner
+from rapace.shm._cleanup import process_start_time
 from rapace.shm._liveness import death_pipe, pidfd_open
 
 ROOT = Path(__file__).parents[2]
@@ -34,6 +35,7 @@ async def shm_child(
     transport, offer = create_link(options)
     read_end, write_end = death_pipe()
     pidfd: int | None = None
+    start_time = 0
     process: anyio.abc.Process | None = None
     try:
         command: Sequence[str] = [
@@ -51,6 +53,7 @@ async def shm_child(
         )
         transport.unlink_name()  # the child holds the fd: the name is no longer needed
         pidfd = pidfd_open(process.pid)
+        start_time = process_start_time(process.pid) or 0
         if pidfd is not None:
             transport.watch_peer(pidfd)
         yield transport, process
@@ -67,7 +70,7 @@ async def shm_child(
                 with anyio.fail_after(REAP_TIMEOUT_S, shield=True):
                     await process.wait()
                 await process.aclose()
-                sweep_owner(process.pid)  # what a killed worker could not remove
+                sweep_owner(process.pid, start_time)  # what a killed worker left
         finally:
             os.close(write_end)
             if pidfd is not None:

@@ -208,3 +208,20 @@ def test_a_main_module_service_without_a_guard_works(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[0, 2, 4, 6, 8]\n"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("chunksize", [1, 7, 256])
+def test_map_in_chunks_keeps_order_and_types(chunksize: int) -> None:
+    with PluginPool(Calculator, workers=2) as pool:
+        xs = list(range(1000))
+        assert list(pool.map(Calculator.add, xs, xs, chunksize=chunksize)) == [2 * x for x in xs]
+        unordered = pool.map(Calculator.add, xs, xs, chunksize=chunksize, ordered=False)
+        assert sorted(unordered) == [2 * x for x in xs]
+        assert list(pool.map(Calculator.block, [0.0, 0.0], chunksize=chunksize)) == [0.0, 0.0]
+
+
+def test_map_raises_the_first_error_when_reached() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        results = pool.map(Calculator.fail, ["a", "b"], chunksize=2)
+        with pytest.raises(ValueError, match="a"):
+            next(results)

@@ -225,14 +225,14 @@ def test_a_live_owners_segment_is_not_stale(make: Callable[..., Segment]) -> Non
 def test_a_link_of_a_reused_pid_is_stale(make: Callable[..., Segment]) -> None:
     """A link segment whose header records another start time than the running process with
     its pid has now belonged to an earlier process with that pid: it is stale. A header
-    without the link magic is ignored and the segment counts as the live pid's."""
+    without a rapace magic is ignored and the segment counts as the live pid's."""
     started = process_start_time(os.getpid())
     assert started is not None
     reused = make(segment_name())
     write_link_header(reused, creator_pid=os.getpid(), creator_start=started - 1)
     not_a_link = make(segment_name())
     write_link_header(not_a_link, creator_pid=os.getpid(), creator_start=started - 1)
-    not_a_link.buffer[0:8] = b"RAPACEBK"
+    not_a_link.buffer[0:8] = b"SOMEELSE"
     assert reused.name is not None
     assert find_stale() == [StaleSegment(reused.name, os.getpid(), reused.size)]
     assert remove_stale() == [StaleSegment(reused.name, os.getpid(), reused.size)]
@@ -322,3 +322,21 @@ def test_an_impossible_pid_in_a_name_is_stale_not_an_error(
     name = f"rp_{pid_hex}_x"
     (private_shm_dir / name).write_bytes(b"x")
     assert find_stale() == [StaleSegment(name, int(pid_hex, 16), 1)]
+
+
+def test_sweep_owner_spares_segments_of_a_new_process_with_the_same_pid(
+    make: Callable[..., Segment],
+) -> None:
+    """After pid reuse, sweeping the dead process (by its start time) removes only what it
+    made: a segment recording another start time belongs to the pid's new owner."""
+    started = process_start_time(os.getpid())
+    assert started is not None
+    ours = make(segment_name())
+    write_link_header(ours, creator_pid=os.getpid(), creator_start=started)
+    earlier = make(segment_name())
+    write_link_header(earlier, creator_pid=os.getpid(), creator_start=started - 1)
+    assert earlier.name is not None
+    assert sweep_owner(os.getpid(), started - 1) == [earlier.name]
+    assert ours.name is not None
+    assert (SHM_DIR / ours.name).exists()
+    assert sweep_owner(os.getpid()) == []  # no start time, pid alive: nothing is removed
