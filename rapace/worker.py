@@ -104,7 +104,11 @@ def _watch_host(host_pid: int, death_fd: int) -> None:
     from rapace.shm._liveness import arm_parent_death_signal
 
     def on_host_death(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(EXIT_OK)
+        # SIGTERM: the host died (parent-death signal) or is stopping this worker. Either
+        # way leave now and quietly, from here: unwinding the event loop would print.
+        if os.getppid() != host_pid:
+            _cleanup_after_host(host_pid)
+        os._exit(EXIT_OK)
 
     signal.signal(signal.SIGTERM, on_host_death)
     if (

@@ -6,22 +6,29 @@ everything. The producer rings only when the consumer has published that it is p
 Python cannot order a store before a later load across processes (x86 may let the load pass
 the store), so publishing "parked" and re-checking the ring can race with the producer's
 "publish, then check parked": both may see the old value. The bound on that lost wake-up is
-the park timeout: a parked side re-checks its ring at least every :data:`PARK_TIMEOUT`
-seconds, which at 100 checks a second still costs an idle process well under 1% of a core.
+the first park timeout: a parked side re-checks its ring :data:`PARK_TIMEOUT` after parking;
+once the race window has passed it sleeps longer, so an idle process costs well under 1% of a
+core.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 from typing import Final
 
 import anyio
 
-__all__ = ("PARK_TIMEOUT", "Doorbell", "FdWaiter")
+__all__ = ("IDLE_PARK_TIMEOUTS", "PARK_TIMEOUT", "Doorbell", "FdWaiter")
 
-#: The longest a parked side sleeps without re-checking its rings.
+#: How long a side that has just parked sleeps before re-checking its rings: the bound on a
+#: lost wake-up. The race it covers lasts only until the "parked" store leaves the CPU's
+#: store buffer, so later sleeps can be longer (:data:`IDLE_PARK_TIMEOUTS`).
 PARK_TIMEOUT: Final = 0.010
+#: Successive sleeps of a side that stays idle: cheap enough to cost an idle process well
+#: under 1% of a core, short enough to notice a peer that closed without ringing.
+IDLE_PARK_TIMEOUTS: Final = (0.010, 0.050, 0.250, 1.0)
 
 
 class Doorbell:
@@ -58,14 +65,33 @@ class FdWaiter:
     to wait becomes the one on the fd; tasks arriving while it waits park on an event it sets
     when it wakes. Every waiter re-checks its own condition afterwards, so a wake-up meant for
     another task costs a look, never a lost signal.
+
+    With a liveness fd (a pidfd, a death pipe), the waiter sleeps on an epoll set holding both
+    fds, so the peer's death wakes it at once like a ring would, with no polling.
     """
 
-    __slots__ = ("_doorbell", "_followers", "_leading")
+    __slots__ = ("_doorbell", "_epoll", "_followers", "_leading", "_liveness_fd")
 
     def __init__(self, doorbell: Doorbell) -> None:
         self._doorbell = doorbell
         self._leading = False
         self._followers: anyio.Event | None = None
+        self._epoll: select.epoll | None = None
+        self._liveness_fd: int | None = None
+
+    def watch(self, liveness_fd: int) -> None:
+        """Also wake when ``liveness_fd`` turns readable (the caller owns that fd)."""
+        if self._epoll is not None:
+            self._epoll.close()
+        epoll = select.epoll()
+        epoll.register(self._doorbell.fd, select.EPOLLIN)
+        epoll.register(liveness_fd, select.EPOLLIN)
+        self._epoll = epoll
+        self._liveness_fd = liveness_fd
+
+    @property
+    def _fd(self) -> int:
+        return self._epoll.fileno() if self._epoll is not None else self._doorbell.fd
 
     async def wait(self, max_wait: float = PARK_TIMEOUT) -> None:
         """Return after a ring, a wake-up of the task on the fd, or ``max_wait`` seconds."""
@@ -78,7 +104,7 @@ class FdWaiter:
         self._leading = True
         try:
             with anyio.move_on_after(max_wait):
-                await anyio.wait_readable(self._doorbell.fd)
+                await anyio.wait_readable(self._fd)
             self._doorbell.clear()
         finally:
             self._leading = False
@@ -87,8 +113,13 @@ class FdWaiter:
                 followers.set()
 
     async def close(self) -> None:
-        """Wake every waiter before the fd is closed (trio and asyncio both need this)."""
+        """Wake every waiter before the fds are closed (trio and asyncio both need this)."""
         if self._doorbell.fd >= 0:
-            anyio.notify_closing(self._doorbell.fd)
+            anyio.notify_closing(self._fd)
         if self._followers is not None:
             self._followers.set()
+
+    def release(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None

@@ -18,8 +18,9 @@ results in ``benchmarks/README.md``):
   so there is no spin unless both sides may run on different CPUs (their affinity masks,
   published in the control lines), and the spin budget adapts: it shrinks when spins keep
   failing and grows back when they succeed;
-* a parked receiver re-checks at least every ``PARK_TIMEOUT`` (lost wake-ups are bounded)
-  and looks at the peer's liveness fd (a pidfd, or the host-death pipe) each time.
+* a parked receiver re-checks ``PARK_TIMEOUT`` after parking (a lost wake-up is bounded by
+  it), then at growing intervals while idle; it sleeps on an epoll set of its doorbell and
+  the peer's liveness fd (a pidfd, or the host-death pipe), so a death wakes it at once.
 
 Exhaustion (ring full, no free slot) makes the sender wait for the peer, never fail: the
 transport keeps the frames in order in a private queue, flags that it wants space, and the
@@ -40,7 +41,7 @@ import anyio.lowlevel
 
 from rapace._errors import RemoteProtocolError, Status
 from rapace.shm._blocks import BLOCK_CLASS, BlockOwner, read_block
-from rapace.shm._doorbell import Doorbell, FdWaiter
+from rapace.shm._doorbell import IDLE_PARK_TIMEOUTS, Doorbell, FdWaiter
 from rapace.shm._layout import MAX_BLOCKS_IN_FLIGHT, ControlWord, LinkLayout
 from rapace.shm._liveness import fd_readable
 from rapace.shm._ring import RingReader, RingWriter
@@ -80,35 +81,38 @@ class ShmStatistics:
 class SpinPolicy:
     """How long a receiver with nothing to read keeps looking before it parks.
 
-    ``budget`` starts at ``max_budget`` seconds; every spin that ends empty halves it (down to
-    nothing after a few misses: an idle or slow peer costs no CPU), every hit doubles it back.
-    While the budget is exhausted, one park in ``probe_every`` tries a short spin again, so
-    a link that turns busy finds its way back to spinning.
+    Spinning pays only when the peer answers within the budget, and only once both sides
+    spin: a parked peer needs a kernel wake-up (tens of microseconds) whatever this side
+    does. So the full budget is spent until ``give_up_after`` spins in a row found nothing
+    (an idle or slow peer: stop burning CPU); then one park in ``retry_every`` spins again,
+    so a link that turns busy gets back to spinning.
     """
 
-    __slots__ = ("_budget", "_floor", "_misses_parked", "max_budget", "probe_every")
+    __slots__ = ("_misses", "_parks_since_retry", "give_up_after", "max_budget", "retry_every")
 
-    def __init__(self, max_budget: float = 50e-6, probe_every: int = 16) -> None:
+    def __init__(
+        self, max_budget: float = 50e-6, give_up_after: int = 32, retry_every: int = 256
+    ) -> None:
         self.max_budget = max_budget
-        self.probe_every = probe_every
-        self._floor = max_budget / 8
-        self._budget = max_budget
-        self._misses_parked = 0
+        self.give_up_after = give_up_after
+        self.retry_every = retry_every
+        self._misses = 0
+        self._parks_since_retry = 0
 
     def budget(self) -> float:
-        if self._budget >= self._floor:
-            return self._budget
-        self._misses_parked += 1
-        if self._misses_parked >= self.probe_every:
-            self._misses_parked = 0
-            return self._floor
+        if self._misses < self.give_up_after:
+            return self.max_budget
+        self._parks_since_retry += 1
+        if self._parks_since_retry >= self.retry_every:
+            self._parks_since_retry = 0
+            return self.max_budget
         return 0.0
 
     def hit(self) -> None:
-        self._budget = min(self.max_budget, max(self._budget * 2, self._floor))
+        self._misses = 0
 
     def miss(self) -> None:
-        self._budget /= 2
+        self._misses += 1
 
 
 def may_run_in_parallel(mask_a: int, mask_b: int) -> bool:
@@ -194,7 +198,10 @@ class ShmTransport:
         self._peer_doorbell = peer_doorbell
         self._close_doorbells = close_doorbells
         self._waiter = FdWaiter(own_doorbell)
-        self._liveness_fd = peer_liveness_fd
+        self._idle_parks = 0  # consecutive parks that woke to nothing
+        self._liveness_fd: int | None = None
+        if peer_liveness_fd is not None:
+            self.watch_peer(peer_liveness_fd)
         self._spin = spin or SpinPolicy()
         self._pending: deque[Frame] = deque()
         self._users = 0  # tasks inside receive() or flush()
@@ -310,6 +317,7 @@ class ShmTransport:
     def watch_peer(self, liveness_fd: int) -> None:
         """Watch ``liveness_fd`` (a pidfd or death pipe, owned by the caller) from now on."""
         self._liveness_fd = liveness_fd
+        self._waiter.watch(liveness_fd)
 
     @property
     def peer_dead(self) -> bool:
@@ -553,10 +561,12 @@ class ShmTransport:
             if ring.available() or words[self._peer + ControlWord.CLOSED]:
                 return
             self.stats.parks += 1
-            await self._waiter.wait()
+            timeouts = IDLE_PARK_TIMEOUTS
+            await self._waiter.wait(timeouts[min(self._idle_parks, len(timeouts) - 1)])
         finally:
             words[self._own + ControlWord.PARKED] = 0
         self._check_liveness()
+        self._idle_parks = 0 if ring.available() else self._idle_parks + 1
 
     def _check_liveness(self) -> None:
         fd = self._liveness_fd
@@ -571,6 +581,7 @@ class ShmTransport:
         if self._released:
             return
         self._released = True
+        self._waiter.release()
         self._blocks.close()
         self._pending.clear()
         self._words.release()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
 
 import anyio
+import anyio.lowlevel
 
 import rapace
 from rapace import Streaming
@@ -86,3 +88,41 @@ class BrokenAtStart:
 
     async def ping(self) -> int:
         return 1
+
+
+@dataclasses.dataclass
+class Fatal:
+    """Kills the process that builds it (decoding) or reads it (encoding) when armed."""
+
+    armed: bool
+
+    def __post_init__(self) -> None:
+        if self.armed and os.environ.get("RAPACE_TEST_WORKER"):
+            os._exit(11)  # dies while decoding the arguments
+
+
+@dataclasses.dataclass
+class FatalResult:
+    value: int
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "value" and os.environ.get("RAPACE_TEST_WORKER"):
+            os._exit(12)  # dies while encoding the reply
+        return object.__getattribute__(self, name)
+
+
+@rapace.service
+class Fragile:
+    async def take(self, item: Fatal) -> int:
+        return 1
+
+    async def give(self) -> FatalResult:
+        return FatalResult(1)
+
+    async def stream(self, n: int) -> Streaming[int]:
+        for i in range(n):
+            yield i
+            await anyio.lowlevel.checkpoint()
+
+    async def pid(self) -> int:
+        return os.getpid()
