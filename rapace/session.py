@@ -594,6 +594,10 @@ class RpcSession:
         item: Any,
     ) -> bool:
         """Send one item once credit allows; False if the direction closed meanwhile."""
+        if isinstance(state, _HandlerState) and state.scope.cancel_called:
+            # The call was cancelled: the wire would drop the item, and a producer that never
+            # awaits would spin here forever without reaching a cancellation point.
+            return False
         data = _encode(codec, item)
         wire = self._wire
         while not wire.can_send(channel_id):

@@ -173,6 +173,31 @@ async def test_closing_a_stream_cancels_the_producer(connect: Connect) -> None:
             assert await calc.add(1, 1) == 2
 
 
+async def test_concurrent_streams_of_large_items_keep_flowing(connect: Connect) -> None:
+    """8 streams of 256 KiB items at once (more than a window, more than the shm transport's
+    large slots) all flow, and closing them early stops producers that never await."""
+    item_bytes = 256 * 1024
+    counts: list[int] = []
+
+    async def consume(calc: Any) -> None:
+        got = 0
+        async with calc.produce(item_bytes) as stream:
+            async for item in stream:
+                assert len(item) == item_bytes
+                got += 1
+                if got == 12:
+                    break
+        counts.append(got)
+
+    with anyio.fail_after(30):
+        async with connect(Conformance) as calc:
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(consume, calc)
+            assert counts == [12] * 8
+            assert await calc.add(1, 1) == 2
+
+
 async def test_plain_def_handler_does_not_block_the_session(connect: Connect) -> None:
     """While a plain def handler blocks in its thread, other calls are served."""
     results: list[int] = []
