@@ -594,7 +594,11 @@ class RpcSession:
         item: Any,
     ) -> bool:
         """Send one item once credit allows; False if the direction closed meanwhile."""
-        if isinstance(state, _HandlerState) and state.scope.cancel_called:
+        if (
+            isinstance(state, _HandlerState)
+            and state.scope is not None
+            and state.scope.cancel_called
+        ):
             # The call was cancelled: the wire would drop the item, and a producer that never
             # awaits would spin here forever without reaching a cancellation point.
             return False
