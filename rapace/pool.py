@@ -29,6 +29,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 
 import anyio
 import anyio.abc
+import sniffio
 
 from rapace._errors import (
     BrokenPluginPool,
@@ -206,6 +207,7 @@ class PluginPool(Generic[S]):
         # it (task groups need a running task to spawn from, callbacks are not one).
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._inbox_wake: anyio.Event | None = None
+        self._spawn_in_callbacks = False
         self._waiting: set[Future[Any]] = set()
         self._processes = _Processes()
         self._finalizer = weakref.finalize(self, self._processes.kill_all)
@@ -249,6 +251,10 @@ class PluginPool(Generic[S]):
         return self
 
     async def _own_loop_main(self, ready: Callable[[], None], stop: anyio.Event) -> None:
+        # This thread only ever runs this asyncio loop: telling sniffio so lets callbacks
+        # from other threads spawn call tasks directly, without a hop through a dispatcher.
+        sniffio.thread_local.name = "asyncio"
+        self._spawn_in_callbacks = True
         self._loop = current_loop_handle()
         async with anyio.create_task_group() as tg:
             self._task_group = tg
@@ -325,6 +331,8 @@ class PluginPool(Generic[S]):
         loop = self._check_open()
         if loop.in_loop_thread() and _in_task():
             start()
+        elif self._spawn_in_callbacks:
+            loop.call_soon(start)
         else:
             loop.call_soon(self._enqueue, start)
 
