@@ -606,10 +606,31 @@ class PluginPool(Generic[S]):
         return self._loop
 
     def _call(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        args, kwargs = self._bridge_stream_argument(spec, args, kwargs)
         future: Future[Any] = Future(self._loop)
         remaining = _remaining_time()
         self._run_soon(lambda: self._start_call(spec, args, kwargs, future, remaining))
         return future
+
+    def _bridge_stream_argument(
+        self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Read an async-iterable stream argument in the caller's loop, not the pool's."""
+        stream = spec.stream_param
+        loop = self._loop
+        if stream is None or loop is None:
+            return args, kwargs
+        from rapace._bridge import CrossLoopSource, needs_bridge
+        from rapace.session import _bind
+
+        values = _bind(spec, args, kwargs)
+        index = spec.params.index(stream)
+        if not needs_bridge(values[index], loop):
+            return args, kwargs
+        bridge = CrossLoopSource(values[index], loop)
+        bridge.start()
+        values[index] = bridge
+        return tuple(values), {}
 
     def _start_call(
         self,
@@ -871,6 +892,7 @@ class PluginPool(Generic[S]):
         self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Stream[Any]:
         loop = self._check_open()
+        args, kwargs = self._bridge_stream_argument(spec, args, kwargs)
         stream: Stream[Any] = Stream(loop, spec.qualified_name)
         remaining = _remaining_time()
 

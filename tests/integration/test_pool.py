@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import rapace
@@ -225,3 +228,37 @@ def test_map_raises_the_first_error_when_reached() -> None:
         results = pool.map(Calculator.fail, ["a", "b"], chunksize=2)
         with pytest.raises(ValueError, match="a"):
             next(results)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_iterable_arguments_are_read_in_the_callers_loop(
+    pool: PluginPool[Calculator], backend: str
+) -> None:
+    """A pool with its own loop thread, fed an async generator from a loop in this thread:
+    the generator runs here (where its awaits belong), its items reach the worker."""
+    seen_threads: set[int] = set()
+
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(200):
+            seen_threads.add(threading.get_ident())
+            await anyio.lowlevel.checkpoint()
+            yield i
+
+    async def main() -> None:
+        with anyio.fail_after(20):
+            assert await pool.proxy.total(numbers()) == sum(range(200))
+            got = [x async for x in pool.proxy.scale(numbers(), k=2.0)]
+            assert got == [2.0 * i for i in range(200)]
+
+    anyio.run(main, backend=backend)
+    assert seen_threads == {threading.get_ident()}
+
+
+def test_an_async_iterable_from_a_thread_without_a_loop_is_refused(
+    pool: PluginPool[Calculator],
+) -> None:
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="event loop"):
+        pool.proxy.total(numbers())
