@@ -13,6 +13,7 @@ The proxy is typed as the service class, so a type checker sees ``await calc.add
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -120,8 +121,16 @@ def serve(impl: object, *, listen: str | None = None, token: str | bytes | None 
         token: the secret clients must prove they know (HMAC challenge-response).
     """
     if listen is None:
-        raise ValueError(
-            "serve() needs listen=... (attaching to a host pool from a plugin program is "
-            "not implemented yet)"
-        )
+        from rapace._bootstrap import ENV_VAR
+
+        if ENV_VAR not in os.environ:
+            raise ValueError(
+                "serve() without listen=... attaches to the PluginPool that started this "
+                "program (PluginPool(Service, command=[...])); none did. Pass listen=URL to "
+                "serve on a socket instead."
+            )
+        from rapace.worker import serve_from_host
+
+        service_spec(impl)  # fail here, in the program, not in the host's handshake
+        serve_from_host(impl)
     anyio.run(partial(serve_async, impl, listen=listen, token=token))

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import anyio
 
 from rapace._bootstrap import ENV_VAR, Bootstrap, write_service_payload
+from rapace._output import forward_lines, new_tail
 from rapace.shm import LinkOptions, create_link, sweep_owner
 from rapace.shm._cleanup import process_start_time
 from rapace.shm._liveness import death_pipe, pidfd_open
@@ -65,8 +67,10 @@ class WorkerLaunch:
     started_at: float
     tcp_listener: Any = None
     start_time: int = 0  # the worker's, recorded while it runs: see sweep_owner
+    stderr_tail: deque[str] = field(default_factory=new_tail)
     exit_code: int | None = None
     exited: anyio.Event = field(default_factory=anyio.Event)
+    output_done: anyio.Event = field(default_factory=anyio.Event)  # both pipes hit EOF
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -100,6 +104,12 @@ class WorkerLaunch:
         if code is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = await anyio.to_thread.run_sync(self.process.wait, 5.0)
+        if not text:
+            # No traceback of ours (a plugin program failing before it attached): what it
+            # printed is the best explanation. Let the forwarder catch up with the pipe.
+            with anyio.move_on_after(0.5):
+                await self.output_done.wait()
+            text = "\n".join(self.stderr_tail)
         raise StartFailed(f"worker exited during start-up ({describe_exit(code)})", text)
 
     async def _accept_tcp(self, limit: float) -> Transport:
@@ -134,6 +144,28 @@ class WorkerLaunch:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None and not pipe.closed:
+                # Wake a forwarder still waiting on it (outside a loop this raises: ignore).
+                with contextlib.suppress(Exception):
+                    anyio.notify_closing(pipe.fileno())
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+    async def forward_output(self, index: int) -> None:
+        """Copy the worker's stdout/stderr to the host's until both reach EOF."""
+        prefix = f"[worker {index}] "
+        try:
+            async with anyio.create_task_group() as tg:
+                for pipe, name, tail in (
+                    (self.process.stdout, "stdout", None),
+                    (self.process.stderr, "stderr", self.stderr_tail),
+                ):
+                    if pipe is not None:
+                        os.set_blocking(pipe.fileno(), False)
+                        tg.start_soon(forward_lines, pipe.fileno(), name, prefix, tail)
+        finally:
+            self.output_done.set()
 
 
 def describe_exit(code: int | None) -> str:
@@ -177,6 +209,7 @@ async def launch_worker(
     python: str | None,
     env: Mapping[str, str] | None,
     workers: int,
+    command: Sequence[str] | None = None,
     backend: str = "asyncio",
 ) -> WorkerLaunch:
     """Start one worker; the caller waits for :meth:`WorkerLaunch.wait_ready`."""
@@ -225,15 +258,17 @@ async def launch_worker(
             token=token,
             backend=backend,
         )
-        command: Sequence[str] = [python or sys.executable, "-m", "rapace.worker"]
+        argv: Sequence[str] = command or [python or sys.executable, "-m", "rapace.worker"]
         started_at = time.monotonic()
         # Spawned here, synchronously, on purpose: the parent-death signal is tied to the
         # spawning thread, and this is the pool's loop thread, which lives as long as it.
         process = subprocess.Popen(  # noqa: ASYNC220
-            command,
+            argv,
             env=worker_environment(boot, env, workers),
             pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
     except BaseException:
         for fd in (status_read, death_write, *to_close):
@@ -282,6 +317,10 @@ async def stop_process(launch: WorkerLaunch, grace: float) -> int | None:
         if code is None:  # unkillable (uninterruptible sleep): reap it in the background
             code = process.wait()
         sweep_owner(process.pid, launch.start_time)
+        # The pipes reach EOF once the worker and anything it started are gone; a grandchild
+        # holding them open must not hold up the pool.
+        with anyio.move_on_after(1.0):
+            await launch.output_done.wait()
         launch.close_fds()
         launch.exit_code = code
         launch.exited.set()

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
 
@@ -96,6 +96,7 @@ class _Slot:
 @dataclass(frozen=True)
 class _Options:
     transport: TransportName
+    command: tuple[str, ...] | None
     python: str | None
     env: dict[str, str] | None
     max_restarts: int
@@ -134,6 +135,8 @@ class PluginPool(Generic[S]):
         args, kwargs: passed to ``service(...)`` in every worker.
         transport: ``"shm"`` (default; ``"unix"`` where shared memory is unsupported),
             ``"unix"`` or ``"tcp"``.
+        command: run this program as each worker instead of ``service`` itself; it calls
+            ``rapace.serve(impl)`` to attach (it may live in another environment).
         python: the interpreter for the workers (default: this one).
         env: extra environment variables for the workers.
         max_restarts: consecutive failed starts of a worker before the pool is broken.
@@ -150,6 +153,7 @@ class PluginPool(Generic[S]):
         args: Iterable[Any] = (),
         kwargs: dict[str, Any] | None = None,
         transport: TransportName = "shm",
+        command: Sequence[str] | None = None,
         python: str | None = None,
         env: dict[str, str] | None = None,
         max_restarts: int = 3,
@@ -180,8 +184,11 @@ class PluginPool(Generic[S]):
             spin=defaults.spin if spin is None else spin,
         )
         link.layout()  # validate the tuning now, not in the pool's thread
+        if command is not None and (isinstance(command, str) or not command):
+            raise TypeError("command must be a non-empty list of program arguments")
         self._options = _Options(
             transport=transport,
+            command=tuple(command) if command is not None else None,
             python=python,
             env=dict(env) if env else None,
             max_restarts=max_restarts,
@@ -343,6 +350,9 @@ class PluginPool(Generic[S]):
             wake.set()
 
     def _prepare_payload(self) -> None:
+        if self._options.command is not None:
+            self._service_payload = b""  # the program builds its own service
+            return
         import cloudpickle
 
         try:
@@ -513,11 +523,14 @@ class PluginPool(Generic[S]):
                 python=options.python,
                 env=options.env,
                 workers=len(self._slots),
+                command=options.command,
             )
         except Exception as exc:
             return False, StartFailed(f"could not start a worker: {exc}")
         slot.launch = launch
         self._processes.launches[slot.index] = launch
+        assert self._task_group is not None
+        self._task_group.start_soon(launch.forward_output, slot.index)
         started = False
         error: StartFailed | None = None
         try:
@@ -751,7 +764,8 @@ class PluginPool(Generic[S]):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         end = None if timeout is None else time.monotonic() + timeout
-        if chunksize > 1:
+        if chunksize > 1 and self._options.command is None:
+            # (A plugin program serves its own class, without the batch method.)
             return self._map_chunks(method, iterables, end, chunksize, ordered)
         futures = [self.submit(method, *args) for args in zip(*iterables, strict=False)]
 

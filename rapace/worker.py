@@ -35,6 +35,24 @@ _host_start = 0
 
 
 def main() -> NoReturn:
+    """``python -m rapace.worker``: build the service the host shipped and serve it."""
+    boot = _prepare()
+
+    def build() -> object:
+        from rapace._batch import with_batching
+
+        service, args, kwargs = boot.load_service()
+        return with_batching(service)(*args, **kwargs)
+
+    run(boot, build)
+
+
+def serve_from_host(impl: object) -> NoReturn:
+    """``rapace.serve(impl)`` in a plugin program a pool started with ``command=[...]``."""
+    run(_prepare(), lambda: impl)
+
+
+def _prepare() -> Any:
     from rapace._bootstrap import Bootstrap
     from rapace.shm._cleanup import process_start_time
 
@@ -43,8 +61,14 @@ def main() -> NoReturn:
     _host_start = process_start_time(boot.host_pid) or 0  # while the host surely runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_host(boot.host_pid, boot.death_fd)
+    return boot
+
+
+def run(boot: Any, build: Any) -> NoReturn:
+    """Build the service, attach, say ready, serve until the host goes; then exit."""
     try:
-        impl, transport = _start(boot)
+        impl = build()
+        transport = boot.open_transport()
     except BaseException:
         _report_start_failure(boot.status_fd)
         _exit(boot, EXIT_START_FAILED)
@@ -61,15 +85,6 @@ def main() -> NoReturn:
         traceback.print_exc()
         code = 1
     _exit(boot, code)
-
-
-def _start(boot: Any) -> tuple[object, Any]:
-    from rapace._batch import with_batching
-
-    service, args, kwargs = boot.load_service()
-    impl = with_batching(service)(*args, **kwargs)
-    transport = boot.open_transport()
-    return impl, transport
 
 
 async def _serve(impl: object, transport: Any) -> None:

@@ -262,3 +262,92 @@ def test_an_async_iterable_from_a_thread_without_a_loop_is_refused(
 
     with pytest.raises(TypeError, match="event loop"):
         pool.proxy.total(numbers())
+
+
+PLUGIN_PROGRAM = """
+import os, sys
+import rapace
+from tests.integration.pool_services import Calculator
+
+
+class CalculatorImpl(Calculator):
+    async def add(self, a: int, b: int) -> int:
+        return a + b + 1000
+
+
+if __name__ == "__main__":
+    if os.environ.get("PLUGIN_FAILS"):
+        raise RuntimeError("the plugin cannot find its model")
+    rapace.serve(CalculatorImpl())
+"""
+
+
+def _plugin(tmp_path: Path) -> list[str]:
+    program = tmp_path / "calc_plugin.py"
+    program.write_text(PLUGIN_PROGRAM)
+    return [sys.executable, str(program)]
+
+
+def test_a_plugin_program_attaches_with_serve(tmp_path: Path) -> None:
+    with PluginPool(Calculator, command=_plugin(tmp_path), workers=2) as pool:
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=20) == 1005
+        assert list(pool.proxy.range(3)) == [0, 1, 2]
+        assert list(pool.map(Calculator.add, [1, 2], [1, 1], chunksize=8)) == [1002, 1003]
+        pids = {f.result(timeout=20) for f in pool.broadcast(Calculator.pid)}
+        assert len(pids) == 2
+
+
+def test_a_plugin_program_failing_at_start_breaks_the_pool(tmp_path: Path) -> None:
+    with (
+        pytest.raises(rapace.BrokenPluginPool, match="cannot find its model") as info,
+        PluginPool(
+            Calculator,
+            command=_plugin(tmp_path),
+            workers=1,
+            max_restarts=0,
+            env={"PLUGIN_FAILS": "1"},
+        ),
+    ):
+        pass
+    assert "exit code 1" in str(info.value)
+
+
+def test_serve_without_listen_outside_a_pool_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        _plugin(tmp_path), capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
+    )
+    assert result.returncode != 0
+    assert "listen=" in result.stderr
+
+
+def test_worker_output_reaches_the_host_prefixed(tmp_path: Path) -> None:
+    """print() and logging in a worker reach the host's stdout/stderr, a line at a time,
+    prefixed with the worker's index (seen from a host in a subprocess)."""
+    script = tmp_path / "host.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import rapace
+
+            @rapace.service
+            class Talker:
+                def talk(self, text: str) -> int:
+                    import logging, sys
+                    print(text)
+                    print("partial", end="", flush=True)
+                    print(" line")
+                    logging.getLogger("plugin").warning("careful: %s", text)
+                    return 1
+
+            with rapace.PluginPool(Talker, workers=1) as pool:
+                pool.submit(Talker.talk, "hello").result(30)
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[worker 0] hello", "[worker 0] partial line"]
+    assert result.stderr.splitlines() == ["[worker 0] careful: hello"]
