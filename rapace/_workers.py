@@ -269,6 +269,8 @@ async def launch_worker(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # Its own session: a terminal's Ctrl-C reaches the host only, which decides.
+            start_new_session=True,
         )
     except BaseException:
         for fd in (status_read, death_write, *to_close):

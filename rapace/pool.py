@@ -223,6 +223,10 @@ class PluginPool(Generic[S]):
         self._startup_error: BaseException | None = None
         self.stats_calls = 0
         self.stats_errors = 0
+        self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._call_scopes: set[anyio.CancelScope] = set()
+        self._cancelling_all = False
+        self._finished_transport_stats: dict[str, int] = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -287,8 +291,14 @@ class PluginPool(Generic[S]):
     def __enter__(self) -> PluginPool[S]:
         return self.start()
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown(wait=True)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: cancel the calls in flight (in the workers too) and stop, bounded.
+            self.shutdown(wait=False, cancel_futures=True)
+        else:
+            self.shutdown(wait=True)
 
     async def __aenter__(self) -> PluginPool[S]:
         if self._state != "new":
@@ -397,7 +407,12 @@ class PluginPool(Generic[S]):
                 self._loop.call_soon(self._enqueue, begin)
             except RuntimeError:
                 done.set()
-            done.wait()
+            try:
+                done.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now, whatever is running
+                self._state = "closed"
+                self._processes.kill_all()
+                raise
         self._join_thread()
 
     async def _shutdown_then(
@@ -441,6 +456,10 @@ class PluginPool(Generic[S]):
         if cancel_futures or not wait:
             for future in list(self._waiting):
                 future.cancel()
+        if not wait:
+            self._cancelling_all = True
+            for scope in list(self._call_scopes):
+                scope.cancel()
         if wait:
             while self._calls:
                 idle = self._calls_idle = anyio.Event()
@@ -668,8 +687,11 @@ class PluginPool(Generic[S]):
         remaining: float | None,
     ) -> None:
         deadline = math.inf if remaining is None else anyio.current_time() + remaining
+        started = time.perf_counter()
+        scope = anyio.CancelScope(deadline=deadline)
+        self._call_scopes.add(scope)
         try:
-            with anyio.CancelScope(deadline=deadline) as scope:
+            with scope:
                 loop = self._loop
                 assert loop is not None
                 future._on_cancel = lambda: loop.call_soon(scope.cancel)
@@ -682,9 +704,16 @@ class PluginPool(Generic[S]):
                     future._fail(exc)
                 else:
                     future._resolve(result)
+                    self._latencies.append(time.perf_counter() - started)
             if scope.cancelled_caught and not future.done():
-                future._fail(TimeoutError(f"{spec.qualified_name}: the caller's deadline passed"))
+                if self._cancelling_all:
+                    future.cancel()
+                else:
+                    future._fail(
+                        TimeoutError(f"{spec.qualified_name}: the caller's deadline passed")
+                    )
         finally:
+            self._call_scopes.discard(scope)
             self.stats_calls += 1
             self._calls -= 1
             idle = self._calls_idle
@@ -759,10 +788,29 @@ class PluginPool(Generic[S]):
         timeout: float | None = None,
         chunksize: int = 1,
         ordered: bool = True,
+        progress: bool = False,
     ) -> Iterator[T]:
-        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``)."""
+        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``).
+
+        ``chunksize > 1`` sends that many calls per message; ``progress=True`` shows a
+        progress bar (tqdm's, notebook-aware, when installed; else a line on stderr).
+        """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
+        if progress:
+            items = list(zip(*iterables, strict=False))
+            inner = self.map(
+                method,
+                *zip(*items, strict=True),
+                timeout=timeout,
+                chunksize=chunksize,
+                ordered=ordered,
+            )
+            from rapace._progress import with_progress
+
+            return with_progress(
+                inner, len(items), self._spec.name + "." + self._method(method).name
+            )
         end = None if timeout is None else time.monotonic() + timeout
         if chunksize > 1 and self._options.command is None:
             # (A plugin program serves its own class, without the batch method.)
@@ -980,13 +1028,57 @@ class PluginPool(Generic[S]):
         return [slot.info() for slot in self._slots]
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this pool (more arrive with the operations issue)."""
+        """Counters of this pool: calls, errors, restarts, calls in flight, latency
+        percentiles of recent calls (microseconds), and the shared-memory transport's own
+        counters (frames, bytes through slots and one-off blocks, ring high-water mark)."""
+        latencies = sorted(self._latencies)
+
+        def percentile(q: float) -> float | None:
+            if not latencies:
+                return None
+            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e6
+
+        transport: collections.Counter[str] = collections.Counter()
+        high_water = 0
+        for slot in self._slots:
+            launch = slot.launch
+            counters = getattr(launch.transport, "stats", None) if launch is not None else None
+            if counters is None:
+                continue
+            for name in ("frames_sent", "frames_received", "bytes_in_slots", "bytes_in_blocks"):
+                transport[name] += getattr(counters, name)
+            high_water = max(high_water, counters.ring_high_water)
         return {
             "calls": self.stats_calls,
             "errors": self.stats_errors,
             "restarts": sum(slot.restarts for slot in self._slots),
             "in_flight": self._calls,
+            "latency_us": {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99)},
+            "transport": self._options.transport,
+            "frames_sent": transport["frames_sent"],
+            "frames_received": transport["frames_received"],
+            "bytes_in_slots": transport["bytes_in_slots"],
+            "bytes_in_blocks": transport["bytes_in_blocks"],
+            "ring_high_water": high_water,
         }
+
+    def _repr_html_(self) -> str:
+        """A table of the workers, for notebooks."""
+        import html
+
+        rows = "".join(
+            f"<tr><td>{w.index}</td><td>{w.pid}</td><td>{html.escape(w.state)}</td>"
+            f"<td>{w.restarts}</td><td>{w.calls_in_flight}</td></tr>"
+            for w in self.workers
+        )
+        stats = self.stats()
+        return (
+            f"<div><b>PluginPool</b> {html.escape(self._spec.name)} ({self._state}, "
+            f"{html.escape(self._options.transport)}): {stats['calls']} calls, "
+            f"{stats['errors']} errors, {stats['restarts']} restarts"
+            "<table><tr><th>worker</th><th>pid</th><th>state</th><th>restarts</th>"
+            f"<th>in flight</th></tr>{rows}</table></div>"
+        )
 
 
 class _PoolProxy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -351,3 +352,50 @@ def test_worker_output_reaches_the_host_prefixed(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["[worker 0] hello", "[worker 0] partial line"]
     assert result.stderr.splitlines() == ["[worker 0] careful: hello"]
+
+
+def test_map_with_a_progress_bar_without_tqdm(
+    pool: PluginPool[Calculator],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    xs = list(range(50))
+    assert list(pool.map(Calculator.add, xs, xs, progress=True)) == [2 * x + 100 for x in xs]
+    assert "Calculator.add: 50/50" in capsys.readouterr().err
+
+
+def test_ctrl_c_cancels_calls_and_stops_the_pool(tmp_path: Path) -> None:
+    """SIGINT to a host blocked on a long call: it exits promptly, its workers are gone,
+    no segment remains."""
+    script = tmp_path / "host.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import rapace
+            from tests.integration.pool_services import Calculator
+
+            with rapace.PluginPool(Calculator, workers=2) as pool:
+                pids = [f.result(30) for f in pool.broadcast(Calculator.pid)]
+                print(*pids, flush=True)
+                pool.submit(Calculator.sleep, 60.0).result()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    ) as host:
+        try:
+            assert host.stdout is not None
+            pids = [int(p) for p in host.stdout.readline().split()]
+            host.send_signal(signal.SIGINT)
+            host.wait(timeout=20)  # bounded: the call was cancelled, not waited for
+        finally:
+            if host.poll() is None:
+                host.kill()
+                host.wait()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"rp_{host.pid:x}_")]
