@@ -100,12 +100,16 @@ class LoopThread:
 
         await self._main(ready, self._stop)
 
-    def stop(self, timeout: float | None = None) -> bool:
-        """Ask ``main`` to return and wait for the thread; False if it did not end in time."""
+    def request_stop(self) -> None:
+        """Ask ``main`` to return, without waiting (callable from any thread)."""
         handle, stop = self.handle, self._stop
         if handle is not None and stop is not None and self._thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 handle.call_soon(stop.set)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Ask ``main`` to return and wait for the thread; False if it did not end in time."""
+        self.request_stop()
         if threading.current_thread() is self._thread:
             return False
         self._thread.join(timeout)

@@ -126,23 +126,10 @@ class _Processes:
         self.launches.clear()
 
 
-class PluginPool(Generic[S]):
-    """A pool of worker processes each serving ``service``.
-
-    Args:
-        service: a ``@rapace.service`` class (or a subclass implementing one).
-        workers: how many workers; None means the CPUs available to this process.
-        args, kwargs: passed to ``service(...)`` in every worker.
-        transport: ``"shm"`` (default; ``"unix"`` where shared memory is unsupported),
-            ``"unix"`` or ``"tcp"``.
-        command: run this program as each worker instead of ``service`` itself; it calls
-            ``rapace.serve(impl)`` to attach (it may live in another environment).
-        python: the interpreter for the workers (default: this one).
-        env: extra environment variables for the workers.
-        max_restarts: consecutive failed starts of a worker before the pool is broken.
-        call_timeout: a deadline in seconds for every call (``rapace.DeadlineExceeded``).
-        start_timeout: how long a worker may take to become ready, in seconds.
-        ring_capacity, slot_classes, spin: shared-memory tuning (see ``rapace.shm``).
+class _PoolCore(Generic[S]):
+    """The pool itself (see :class:`PluginPool` for the arguments); the object users hold is
+    a thin :class:`PluginPool` around it, so that dropping that object stops the pool even
+    though the pool's own loop thread keeps this one alive.
     """
 
     def __init__(
@@ -237,7 +224,7 @@ class PluginPool(Generic[S]):
             f"transport={self._options.transport}>"
         )
 
-    def start(self) -> PluginPool[S]:
+    def start(self) -> _PoolCore[S]:
         """Start the workers on the pool's own loop thread; returns once all are ready.
 
         Raises:
@@ -288,7 +275,7 @@ class PluginPool(Generic[S]):
             await stop.wait()
             tg.cancel_scope.cancel()
 
-    def __enter__(self) -> PluginPool[S]:
+    def __enter__(self) -> _PoolCore[S]:
         return self.start()
 
     def __exit__(
@@ -300,7 +287,7 @@ class PluginPool(Generic[S]):
         else:
             self.shutdown(wait=True)
 
-    async def __aenter__(self) -> PluginPool[S]:
+    async def __aenter__(self) -> _PoolCore[S]:
         if self._state != "new":
             raise RuntimeError(f"this pool is {self._state}: it can be started once")
         self._state = "running"
@@ -429,6 +416,23 @@ class PluginPool(Generic[S]):
             thread.stop(timeout=STOP_GRACE_S + 10)
         self._state = "closed"
         self._processes.kill_all()
+
+    def abandon(self) -> None:
+        """The user dropped the pool without shutting it down (garbage collection, a notebook
+        cell run again): stop it in the background, calls cancelled, without blocking."""
+        thread, loop = self._thread, self._loop
+        if self._state != "running" or thread is None or loop is None:
+            return
+        self._state = "stopping"
+
+        def begin() -> None:
+            assert self._task_group is not None
+            self._task_group.start_soon(self._shutdown_then, False, True, thread.request_stop)
+
+        try:
+            loop.call_soon(self._enqueue, begin)
+        except RuntimeError:  # the loop is already gone
+            self._processes.kill_all()
 
     async def aclose(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
         """``shutdown`` for a pool entered with ``async with`` (or from any loop)."""
@@ -1081,8 +1085,155 @@ class PluginPool(Generic[S]):
         )
 
 
+class PluginPool(Generic[S]):
+    """A pool of worker processes, each serving ``service``: ``concurrent.futures`` for plugins.
+
+    Use it with ``with`` (the pool's I/O runs on its own loop thread) or ``async with`` (on the
+    caller's loop); see API.md section 2.
+
+    Args:
+        service: a ``@rapace.service`` class (or a subclass implementing one).
+        workers: how many workers; None means the CPUs available to this process.
+        args, kwargs: passed to ``service(...)`` in every worker.
+        transport: ``"shm"`` (default; ``"unix"`` where shared memory is unsupported),
+            ``"unix"`` or ``"tcp"``.
+        command: run this program as each worker instead of ``service`` itself; it calls
+            ``rapace.serve(impl)`` to attach (it may live in another environment).
+        python: the interpreter for the workers (default: this one).
+        env: extra environment variables for the workers.
+        max_restarts: consecutive failed starts of a worker before the pool is broken.
+        call_timeout: a deadline in seconds for every call (``rapace.DeadlineExceeded``).
+        start_timeout: how long a worker may take to become ready, in seconds.
+        ring_capacity, slot_classes, spin: shared-memory tuning (see ``rapace.shm``).
+    """
+
+    def __init__(
+        self,
+        service: type[S],
+        workers: int | None = None,
+        *,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        transport: TransportName = "shm",
+        command: Sequence[str] | None = None,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        max_restarts: int = 3,
+        call_timeout: float | None = None,
+        start_timeout: float = 60.0,
+        ring_capacity: int | None = None,
+        slot_classes: Iterable[tuple[int, int]] | None = None,
+        spin: float | None = None,
+    ) -> None:
+        core: _PoolCore[S] = _PoolCore(
+            service,
+            workers,
+            args=args,
+            kwargs=kwargs,
+            transport=transport,
+            command=command,
+            python=python,
+            env=env,
+            max_restarts=max_restarts,
+            call_timeout=call_timeout,
+            start_timeout=start_timeout,
+            ring_capacity=ring_capacity,
+            slot_classes=slot_classes,
+            spin=spin,
+        )
+        self._core = core
+        # Dropped without shutdown (a notebook cell run again, a forgotten pool): stop it.
+        weakref.finalize(self, core.abandon)
+
+    def __repr__(self) -> str:
+        return repr(self._core)
+
+    def _repr_html_(self) -> str:
+        return self._core._repr_html_()
+
+    def start(self) -> PluginPool[S]:
+        """Start the workers on the pool's own loop thread; returns once all are ready.
+
+        Raises:
+            rapace.BrokenPluginPool: workers kept failing to start (with their traceback).
+        """
+        self._core.start()
+        return self
+
+    def __enter__(self) -> PluginPool[S]:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        self._core.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> PluginPool[S]:
+        await self._core.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._core.aclose()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the pool like ``Executor.shutdown``: with ``wait``, calls in flight finish
+        first; the workers are then stopped (goodbye, terminate, kill, each bounded)."""
+        self._core.shutdown(wait, cancel_futures=cancel_futures)
+
+    async def aclose(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
+        """``shutdown`` for a pool entered with ``async with`` (or from any loop)."""
+        await self._core.aclose(wait=wait, cancel_futures=cancel_futures)
+
+    def submit(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Call ``method`` (the service's function, e.g. ``Calculator.add``) in a worker and
+        return a :class:`rapace.Future` at once."""
+        return self._core.submit(method, *args, **kwargs)
+
+    def map(
+        self,
+        method: Callable[..., T],
+        /,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        ordered: bool = True,
+        progress: bool = False,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``);
+        ``chunksize > 1`` sends that many calls per message; ``progress=True`` shows a bar."""
+        return self._core.map(
+            method,
+            *iterables,
+            timeout=timeout,
+            chunksize=chunksize,
+            ordered=ordered,
+            progress=progress,
+        )
+
+    def broadcast(
+        self, method: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> list[Future[Any]]:
+        """Call ``method`` once in every worker."""
+        return self._core.broadcast(method, *args, **kwargs)
+
+    @property
+    def proxy(self) -> S:
+        """A client typed like the service: unary methods return :class:`rapace.Future`,
+        streaming methods :class:`rapace.Stream`."""
+        return self._core.proxy
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """Each worker: index, pid, state, restarts, calls in flight, start-up time."""
+        return self._core.workers
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: calls, errors, restarts, latency percentiles, transport counters."""
+        return self._core.stats()
+
+
 class _PoolProxy:
-    def __init__(self, pool: PluginPool[Any]) -> None:
+    def __init__(self, pool: _PoolCore[Any]) -> None:
         self._pool = pool
         for spec in pool._spec.methods:
             setattr(self, spec.name, _bind(pool, spec))
@@ -1091,7 +1242,7 @@ class _PoolProxy:
         return f"<rapace pool proxy for {self._pool._spec.name}>"
 
 
-def _bind(pool: PluginPool[Any], spec: MethodSpec) -> Callable[..., Any]:
+def _bind(pool: _PoolCore[Any], spec: MethodSpec) -> Callable[..., Any]:
     if spec.kind.handler_streams:
 
         def stream(*args: Any, **kwargs: Any) -> Stream[Any]:

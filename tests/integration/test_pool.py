@@ -399,3 +399,30 @@ def test_ctrl_c_cancels_calls_and_stops_the_pool(tmp_path: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"rp_{host.pid:x}_")]
+
+
+def test_a_pool_dropped_without_shutdown_stops_its_workers() -> None:
+    """Re-running a notebook cell rebinds the name: the old pool is collected and must not
+    leave its workers running."""
+    import gc
+
+    from rapace.shm._liveness import pidfd_open
+
+    pool = PluginPool(Calculator, workers=2).start()
+    pids = [f.result(timeout=20) for f in pool.broadcast(Calculator.pid)]
+    watchers = [pidfd_open(pid) for pid in pids]
+    del pool
+    gc.collect()
+    try:
+
+        async def all_exited() -> None:
+            with anyio.fail_after(20):
+                for fd in watchers:
+                    if fd is not None:
+                        await anyio.wait_readable(fd)
+
+        anyio.run(all_exited)
+    finally:
+        for fd in watchers:
+            if fd is not None:
+                os.close(fd)
