@@ -6,13 +6,25 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+# Each command module imports only the standard library at load time: `rapace --help` stays
+# fast, and a command imports what it needs (anyio, the user's module) when it runs.
+from rapace import _cli, _cli_doctor, _cli_inspect, _cli_serve
+
 __all__ = ("main",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rapace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("demo", help="run the bundled demonstration")
+    commands.add_parser(
+        "demo",
+        help="run the bundled demonstration",
+        description="Serve a small image-statistics service from a child process and call "
+        "it from here: every call shape, a remote error, a cancellation and a latency sample.",
+    )
+    _cli_inspect.register(commands)
+    _cli_serve.register(commands)
+    _cli_doctor.register(commands)
     cleanup = commands.add_parser(
         "cleanup",
         help="remove shared-memory segments left by dead rapace processes",
@@ -26,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported on demand: `rapace --help` should not pay for what a command needs.
     if args.command == "cleanup":
         return _cleanup(dry_run=args.dry_run)
+    if args.command != "demo":
+        return _cli.run_command(args.run, args)
     from rapace._demo import run_demo
 
     return run_demo()
