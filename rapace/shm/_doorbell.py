@@ -6,9 +6,8 @@ everything. The producer rings only when the consumer has published that it is p
 Python cannot order a store before a later load across processes (x86 may let the load pass
 the store), so publishing "parked" and re-checking the ring can race with the producer's
 "publish, then check parked": both may see the old value. The bound on that lost wake-up is
-the first park timeout: a parked side re-checks its ring :data:`PARK_TIMEOUT` after parking;
-once the race window has passed it sleeps longer, so an idle process costs well under 1% of a
-core.
+the park timeout: a parked side re-checks its ring at least every :data:`PARK_TIMEOUT`
+seconds.
 """
 
 from __future__ import annotations
@@ -16,19 +15,30 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+from collections.abc import Iterator
 from typing import Final
 
 import anyio
 
-__all__ = ("IDLE_PARK_TIMEOUTS", "PARK_TIMEOUT", "Doorbell", "FdWaiter")
+__all__ = ("PARK_TIMEOUT", "Doorbell", "FdWaiter", "park_timeouts")
 
-#: How long a side that has just parked sleeps before re-checking its rings: the bound on a
-#: lost wake-up. The race it covers lasts only until the "parked" store leaves the CPU's
-#: store buffer, so later sleeps can be longer (:data:`IDLE_PARK_TIMEOUTS`).
+#: The longest a parked side sleeps before re-checking its rings: the bound on a lost
+#: wake-up. A timed-out wait does no work but the look, so 100 looks a second cost an idle
+#: process a fraction of a percent of a core (measured in benchmarks/bench_shm.py).
 PARK_TIMEOUT: Final = 0.010
-#: Successive sleeps of a side that stays idle: cheap enough to cost an idle process well
-#: under 1% of a core, short enough to notice a peer that closed without ringing.
-IDLE_PARK_TIMEOUTS: Final = (0.010, 0.050, 0.250, 1.0)
+#: The longest sleep of a side that has stayed parked a while.
+IDLE_PARK_TIMEOUT: Final = 1.0
+
+
+def park_timeouts() -> Iterator[float]:
+    """The looks of a side that stays parked: the first bounds a lost wake-up; later ones
+    grow, because on a VM a wake-up costs ~100 us of CPU even for a bare asyncio.sleep, so
+    100 looks a second would cost ~1% of a core; these cost ~0.05% once idle a second."""
+    yield PARK_TIMEOUT
+    yield 0.05
+    yield 0.25
+    while True:
+        yield IDLE_PARK_TIMEOUT
 
 
 class Doorbell:
@@ -93,19 +103,23 @@ class FdWaiter:
     def _fd(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else self._doorbell.fd
 
-    async def wait(self, max_wait: float = PARK_TIMEOUT) -> None:
-        """Return after a ring, a wake-up of the task on the fd, or ``max_wait`` seconds."""
+    async def wait(self, max_wait: float = PARK_TIMEOUT) -> bool:
+        """Return after a ring, a wake-up of the task on the fd (True), or ``max_wait``
+        seconds (False)."""
         if self._leading:
             if self._followers is None:
                 self._followers = anyio.Event()
-            with anyio.move_on_after(max_wait):
+            with anyio.move_on_after(max_wait) as scope:
                 await self._followers.wait()
-            return
+            return not scope.cancelled_caught
         self._leading = True
         try:
-            with anyio.move_on_after(max_wait):
+            with anyio.move_on_after(max_wait) as scope:
                 await anyio.wait_readable(self._fd)
+            if scope.cancelled_caught:
+                return False
             self._doorbell.clear()
+            return True
         finally:
             self._leading = False
             followers, self._followers = self._followers, None

@@ -18,9 +18,10 @@ results in ``benchmarks/README.md``):
   so there is no spin unless both sides may run on different CPUs (their affinity masks,
   published in the control lines), and the spin budget adapts: it shrinks when spins keep
   failing and grows back when they succeed;
-* a parked receiver re-checks ``PARK_TIMEOUT`` after parking (a lost wake-up is bounded by
-  it), then at growing intervals while idle; it sleeps on an epoll set of its doorbell and
-  the peer's liveness fd (a pidfd, or the host-death pipe), so a death wakes it at once.
+* a parked receiver re-checks 10 ms after parking (a lost wake-up is bounded by it, see
+  ``_park``), then at growing intervals while it stays idle; it sleeps on an epoll set of its
+  doorbell and the peer's liveness fd (a pidfd, or the host-death pipe), so a death wakes it
+  at once without being polled for.
 
 Exhaustion (ring full, no free slot) makes the sender wait for the peer, never fail: the
 transport keeps the frames in order in a private queue, flags that it wants space, and the
@@ -41,7 +42,7 @@ import anyio.lowlevel
 
 from rapace._errors import RemoteProtocolError, Status
 from rapace.shm._blocks import BLOCK_CLASS, BlockOwner, read_block
-from rapace.shm._doorbell import IDLE_PARK_TIMEOUTS, Doorbell, FdWaiter
+from rapace.shm._doorbell import Doorbell, FdWaiter, park_timeouts
 from rapace.shm._layout import MAX_BLOCKS_IN_FLIGHT, ControlWord, LinkLayout
 from rapace.shm._liveness import fd_readable
 from rapace.shm._ring import RingReader, RingWriter
@@ -198,7 +199,6 @@ class ShmTransport:
         self._peer_doorbell = peer_doorbell
         self._close_doorbells = close_doorbells
         self._waiter = FdWaiter(own_doorbell)
-        self._idle_parks = 0  # consecutive parks that woke to nothing
         self._liveness_fd: int | None = None
         if peer_liveness_fd is not None:
             self.watch_peer(peer_liveness_fd)
@@ -565,12 +565,21 @@ class ShmTransport:
             if ring.available() or words[self._peer + ControlWord.CLOSED]:
                 return
             self.stats.parks += 1
-            timeouts = IDLE_PARK_TIMEOUTS
-            await self._waiter.wait(timeouts[min(self._idle_parks, len(timeouts) - 1)])
+            # A wake-up can be lost only in the instant PARKED was published (the peer may
+            # have read the old value while publishing); any later publish sees PARKED and
+            # rings. So the first look comes after PARK_TIMEOUT and, PARKED staying set,
+            # later looks can wait longer: an idle link costs almost nothing.
+            for max_wait in park_timeouts():
+                if await self._waiter.wait(max_wait):
+                    self._check_liveness()  # woken by a ring, or by the liveness fd
+                    return
+                if ring.available() or words[self._peer + ControlWord.CLOSED]:
+                    return
+                if self._peer_dead is not None or self._closed:
+                    return
         finally:
-            words[self._own + ControlWord.PARKED] = 0
-        self._check_liveness()
-        self._idle_parks = 0 if ring.available() else self._idle_parks + 1
+            if not self._released:
+                words[self._own + ControlWord.PARKED] = 0
 
     def _check_liveness(self) -> None:
         fd = self._liveness_fd

@@ -22,6 +22,7 @@ from rapace.shm import (
     create_link,
     shm_pair,
 )
+from rapace.shm._doorbell import Doorbell
 from rapace.shm._layout import ControlWord
 from rapace.shm._segment import SHM_DIR
 from rapace.wire import Descriptor, Flags, Frame
@@ -282,3 +283,31 @@ async def test_the_control_lines_record_each_side() -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_a_lost_wake_up_costs_at_most_the_first_park_timeout(
+    pair: tuple[ShmTransport, ShmTransport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the doorbell cannot close (the peer reads PARKED just before it is set) is
+    simulated by a ring that never sounds: the parked receiver still finds the frame at its
+    first look, 10 ms after parking."""
+    a, b = pair
+    got: list[Frame] = []
+
+    async def receive() -> None:
+        got.extend(await b.receive())
+
+    real_ring = Doorbell.ring
+    silent = a._peer_doorbell.fd
+
+    def ring_unless_silent(doorbell: Doorbell) -> None:
+        if doorbell.fd != silent:
+            real_ring(doorbell)
+
+    monkeypatch.setattr(Doorbell, "ring", ring_unless_silent)
+    with anyio.fail_after(1):  # far below the idle sleeps (up to 1 s): only the first look
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            assert a.send_nowait([frame(7)])
+    assert [f.descriptor.msg_id for f in got] == [8]
