@@ -9,11 +9,12 @@ without being joined (a copy of a 64 MiB payload costs more than an extra system
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final, NoReturn
 
 import anyio
 import anyio.abc
+from typing_extensions import Buffer
 
 from rapace.streams._abc import DeadlineMode
 from rapace.streams._framing import DEFAULT_MAX_FRAME_BYTES, FrameReader, encode_frame
@@ -49,6 +50,8 @@ class StreamTransport:
         # Encoded frames not yet written, in order: joined small pieces and views of large
         # payloads (written from the caller's buffer, not copied).
         self._pending: deque[bytearray | memoryview] = deque()
+        # A stream that can write without waiting (UnixByteStream) lets send_nowait write.
+        self._try_send: Callable[[Buffer], int] | None = getattr(stream, "try_send", None)
 
     @property
     def deadline_mode(self) -> DeadlineMode:
@@ -60,18 +63,22 @@ class StreamTransport:
         return self._stream
 
     def _queue(self, frames: Sequence[Frame]) -> None:
-        """Encode ``frames`` onto the pending pieces: small pieces joined, large ones kept
-        as views of the caller's buffers."""
-        pending = self._pending
+        """Encode ``frames`` onto the pending pieces."""
         for frame in frames:
-            for piece in encode_frame(frame):
-                view = memoryview(piece)
-                if view.nbytes <= _JOIN_LIMIT and pending and type(pending[-1]) is bytearray:
-                    pending[-1] += view
-                elif view.nbytes <= _JOIN_LIMIT:
-                    pending.append(bytearray(view))
-                else:
-                    pending.append(view)
+            self._queue_pieces(encode_frame(frame))
+
+    def _queue_pieces(self, pieces: Iterable[Buffer]) -> None:
+        """Add encoded pieces to the pending ones: small pieces joined, large ones kept as
+        views of the caller's buffers."""
+        pending = self._pending
+        for piece in pieces:
+            view = memoryview(piece)
+            if view.nbytes <= _JOIN_LIMIT and pending and type(pending[-1]) is bytearray:
+                pending[-1] += view
+            elif view.nbytes <= _JOIN_LIMIT:
+                pending.append(bytearray(view))
+            else:
+                pending.append(view)
 
     def send_nowait(self, frames: Sequence[Frame]) -> bool:
         """Take ``frames`` and write what the socket accepts without waiting.
@@ -80,11 +87,27 @@ class StreamTransport:
         :meth:`flush` (or the next :meth:`send`) writes first. Never call it while a
         ``send``/``flush`` is in progress.
         """
-        self._queue(frames)
-        try_send = getattr(self._stream, "try_send", None)
+        pieces: list[Buffer] = []
+        for frame in frames:
+            pieces += encode_frame(frame)
+        try_send = self._try_send
+        pending = self._pending
+        if try_send is not None and not pending and pieces and len(pieces) == len(frames):
+            # The usual case: nothing left over and every frame small (one piece each): one
+            # buffer and one write, no copy into the pending pieces.
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            try:
+                sent = try_send(data)
+            except OSError:
+                sent = 0  # the writer's flush raises it properly
+            size = memoryview(data).nbytes
+            if sent == size:
+                return True
+            pending.append(bytearray(memoryview(data)[sent:]))
+            return False
+        self._queue_pieces(pieces)
         if try_send is None:
             return False
-        pending = self._pending
         while pending:
             head = pending[0]
             try:
@@ -130,6 +153,39 @@ class StreamTransport:
             frames = self._reader.feed(data)
             if frames:
                 return frames
+
+    async def receive_into(self, deliver: Callable[[list[Frame]], None]) -> NoReturn:
+        """Hand every batch of frames to ``deliver`` as it arrives until the stream ends,
+        then raise as :meth:`receive` would (or raise what ``deliver`` raised).
+
+        Over a stream that can push its reads (a Unix socket on asyncio) ``deliver`` runs
+        straight from the event loop's read callback, sparing a task switch per read; it
+        must not block. Otherwise this is ``deliver(await self.receive())`` in a loop.
+        """
+        reader = self._reader
+
+        def feed(data: Buffer) -> None:  # copied into the reader's buffer, not kept
+            frames = reader.feed(data)
+            if frames:
+                deliver(frames)
+
+        if self._initial:
+            initial, self._initial = self._initial, b""
+            feed(initial)
+        stream_receive_into: Callable[[Callable[[Buffer], None]], Awaitable[NoReturn]] | None
+        stream_receive_into = getattr(self._stream, "receive_into", None)
+        if stream_receive_into is None:
+            while True:
+                deliver(await self.receive())
+        try:
+            await stream_receive_into(feed)
+        except anyio.EndOfStream:
+            if not reader.at_frame_boundary:
+                raise anyio.BrokenResourceError(
+                    "the peer closed the connection in the middle of a frame"
+                ) from None
+            raise
+        raise AssertionError("a stream's receive_into only ends by raising")
 
     async def aclose(self) -> None:
         if not self._closed:

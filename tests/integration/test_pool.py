@@ -408,9 +408,11 @@ def test_a_pool_dropped_without_shutdown_stops_its_workers() -> None:
 
     from rapace.shm._liveness import pidfd_open
 
+    threads_before = set(threading.enumerate())
     pool = PluginPool(Calculator, workers=2).start()
     pids = [f.result(timeout=20) for f in pool.broadcast(Calculator.pid)]
     watchers = [pidfd_open(pid) for pid in pids]
+    pool_threads = set(threading.enumerate()) - threads_before
     del pool
     gc.collect()
     try:
@@ -422,6 +424,9 @@ def test_a_pool_dropped_without_shutdown_stops_its_workers() -> None:
                         await anyio.wait_readable(fd)
 
         anyio.run(all_exited)
+        for thread in pool_threads:  # the pool finishes its clean-up in its own thread
+            thread.join(timeout=20)
+            assert not thread.is_alive()
     finally:
         for fd in watchers:
             if fd is not None:
