@@ -20,6 +20,7 @@ import collections
 import contextlib
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -350,6 +351,7 @@ class _PoolCore(Generic[S]):
         if self._options.command is not None:
             self._service_payload = b""  # the program builds its own service
             return
+        self._check_interpreter()
         import cloudpickle
 
         try:
@@ -361,6 +363,23 @@ class _PoolCore(Generic[S]):
             raise TypeError(
                 f"cannot ship {self._spec.name} and its constructor arguments to the workers: {exc}"
             ) from exc
+
+    def _check_interpreter(self) -> None:
+        """A class shipped by value is bytecode: only the same minor version can load it."""
+        python = self._options.python
+        if python is None or not _ships_by_value(self._service):
+            return
+        theirs = _python_version(python)
+        ours = sys.version_info[:2]
+        if theirs != ours:
+            found = "unknown" if theirs is None else f"{theirs[0]}.{theirs[1]}"
+            raise BrokenPluginPool(
+                f"{self._spec.name} is defined in __main__ (a script or a notebook), so it is "
+                f"shipped to the workers by value, as Python {ours[0]}.{ours[1]} bytecode; the "
+                f"workers' interpreter {python!r} is Python {found} and cannot load it. Move "
+                "the class into a module both interpreters can import, or use the same "
+                "Python version."
+            )
 
     async def _wait_started(self) -> None:
         while not all(slot.state == "ready" for slot in self._slots):
@@ -1256,6 +1275,30 @@ def _bind(pool: _PoolCore[Any], spec: MethodSpec) -> Callable[..., Any]:
 
     call.__name__ = call.__qualname__ = spec.name
     return call
+
+
+def _ships_by_value(cls: type) -> bool:
+    """Whether cloudpickle sends ``cls`` by value (it cannot be imported by name)."""
+    module = sys.modules.get(cls.__module__)
+    if cls.__module__ in ("__main__", "__mp_main__") or module is None:
+        return True
+    return getattr(module, cls.__qualname__.split(".")[0], None) is None
+
+
+def _python_version(python: str) -> tuple[int, int] | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [python, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        return int(out[0]), int(out[1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def _in_task() -> bool:

@@ -431,3 +431,26 @@ def test_a_pool_dropped_without_shutdown_stops_its_workers() -> None:
         for fd in watchers:
             if fd is not None:
                 os.close(fd)
+
+
+def test_workers_can_run_another_interpreter() -> None:
+    """python= starts the workers with that interpreter (here the venv's base Python, which
+    imports rapace through the inherited sys.path)."""
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    with PluginPool(Calculator, workers=1, python=base) as pool:
+        assert pool.submit(Calculator.add, 1, 2).result(timeout=30) == 3
+
+
+def test_a_by_value_class_for_another_python_version_is_refused(tmp_path: Path) -> None:
+    fake_python = tmp_path / "python3.99"
+    fake_python.write_text("#!/bin/sh\necho 3 99\n")
+    fake_python.chmod(0o755)
+
+    @rapace.service
+    class Notebooky:
+        async def ping(self) -> int:
+            return 1
+
+    Notebooky.__module__ = "__main__"  # as if defined in a notebook cell
+    with pytest.raises(rapace.BrokenPluginPool, match=r"Python 3\.99 and cannot load it"):
+        PluginPool(Notebooky, workers=1, python=str(fake_python)).start()
