@@ -79,20 +79,25 @@ class ShmStatistics:
     space_waits: int = 0
 
 
+#: A sleep after a failed spin longer than this means the peer is not about to answer.
+SPIN_PATIENCE: Final = 0.001
+
+
 class SpinPolicy:
     """How long a receiver with nothing to read keeps looking before it parks.
 
     Spinning pays only when the peer answers within the budget, and only once both sides
     spin: a parked peer needs a kernel wake-up (tens of microseconds) whatever this side
-    does. So the full budget is spent until ``give_up_after`` spins in a row found nothing
-    (an idle or slow peer: stop burning CPU); then one park in ``retry_every`` spins again,
-    so a link that turns busy gets back to spinning.
+    does, so a spin can miss while the link is busy and both sides are just out of step. So
+    only a miss followed by a long sleep (:data:`SPIN_PATIENCE`: the link is idle or the peer
+    slow) counts; after ``give_up_after`` of those in a row spinning stops (no CPU burnt on
+    an idle link), and one park in ``retry_every`` spins again.
     """
 
     __slots__ = ("_misses", "_parks_since_retry", "give_up_after", "max_budget", "retry_every")
 
     def __init__(
-        self, max_budget: float = 50e-6, give_up_after: int = 32, retry_every: int = 256
+        self, max_budget: float = 50e-6, give_up_after: int = 32, retry_every: int = 64
     ) -> None:
         self.max_budget = max_budget
         self.give_up_after = give_up_after
@@ -112,8 +117,11 @@ class SpinPolicy:
     def hit(self) -> None:
         self._misses = 0
 
-    def miss(self) -> None:
-        self._misses += 1
+    def miss(self, *, long: bool) -> None:
+        if long:
+            self._misses += 1
+        elif self._misses >= self.give_up_after:
+            self._misses = 0  # a retry found the peer answering soon: spin again
 
 
 def may_run_in_parallel(mask_a: int, mask_b: int) -> bool:
@@ -541,6 +549,7 @@ class ShmTransport:
                 self._words[self._peer + ControlWord.AFFINITY],
             )
         ring = self._in
+        budget = 0.0
         if self._may_spin:
             budget = self._spin.budget()
             if budget:
@@ -557,7 +566,7 @@ class ShmTransport:
                         return
                     if time.perf_counter() >= deadline:
                         break
-                self._spin.miss()
+        spun = budget > 0
         words = self._words
         words[self._own + ControlWord.PARKED] = 1
         try:
@@ -565,21 +574,33 @@ class ShmTransport:
             if ring.available() or words[self._peer + ControlWord.CLOSED]:
                 return
             self.stats.parks += 1
-            # A wake-up can be lost only in the instant PARKED was published (the peer may
-            # have read the old value while publishing); any later publish sees PARKED and
-            # rings. So the first look comes after PARK_TIMEOUT and, PARKED staying set,
-            # later looks can wait longer: an idle link costs almost nothing.
-            for max_wait in park_timeouts():
-                if await self._waiter.wait(max_wait):
-                    self._check_liveness()  # woken by a ring, or by the liveness fd
-                    return
-                if ring.available() or words[self._peer + ControlWord.CLOSED]:
-                    return
-                if self._peer_dead is not None or self._closed:
-                    return
+            parked_at = time.perf_counter()
+            try:
+                await self._sleep(ring)
+            finally:
+                if spun:
+                    # A reply that came soon after we gave up says the peer is busy and
+                    # near: keep spinning. Only long sleeps (an idle link) count against it.
+                    self._spin.miss(long=time.perf_counter() - parked_at > SPIN_PATIENCE)
         finally:
             if not self._released:
                 words[self._own + ControlWord.PARKED] = 0
+
+    async def _sleep(self, ring: RingReader) -> None:
+        """Sleep on the doorbell until a ring, the peer's death or its close."""
+        words = self._words
+        # A wake-up can be lost only in the instant PARKED was published (the peer may have
+        # read the old value while publishing); any later publish sees PARKED and rings. So
+        # the first look comes after PARK_TIMEOUT and, PARKED staying set, later looks can
+        # wait longer: an idle link costs almost nothing.
+        for max_wait in park_timeouts():
+            if await self._waiter.wait(max_wait):
+                self._check_liveness()  # woken by a ring, or by the liveness fd
+                return
+            if ring.available() or words[self._peer + ControlWord.CLOSED]:
+                return
+            if self._peer_dead is not None or self._closed:
+                return
 
     def _check_liveness(self) -> None:
         fd = self._liveness_fd
