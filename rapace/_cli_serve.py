@@ -34,8 +34,8 @@ __all__ = ("register",)
 DESCRIPTION = (
     "Import MODULE, construct CLASS() (with the keyword arguments of --args) and serve it on "
     "--listen until interrupted. Prints 'listening on URL' on stderr once bound; Ctrl-C or "
-    "SIGTERM stops it with exit status 0. A tcp:// listener requires a token, which clients "
-    "prove they know; a unix:// socket is created 0600 (only this user may connect)."
+    "SIGTERM stops it with exit status 0. A tcp:// or ws:// listener requires a token, which "
+    "clients prove they know; a unix:// socket is created 0600 (only this user may connect)."
 )
 
 
@@ -54,7 +54,9 @@ def register(commands: Commands) -> None:
         "--listen",
         required=True,
         metavar="URL",
-        help="unix:///path/to.sock, or tcp://host:port (port 0: any free port)",
+        help=(
+            "unix:///path/to.sock, tcp://host:port or ws://host:port/path (port 0: any free port)"
+        ),
     )
     token = parser.add_mutually_exclusive_group()
     token.add_argument(
@@ -127,9 +129,10 @@ def _check_listen(url: str, token: str | None) -> Address:
         address = parse_address(url)
     except ValueError as exc:
         raise CliError(f"--listen: {exc}", USAGE_ERROR) from None
-    if address.scheme == "tcp" and token is None:
+    if address.scheme in ("tcp", "ws") and token is None:
         raise CliError(
-            "a tcp:// listener requires a token: pass --token-env VAR (or --token TOKEN)",
+            f"a {address.scheme}:// listener requires a token: pass --token-env VAR "
+            "(or --token TOKEN)",
             USAGE_ERROR,
         )
     return address

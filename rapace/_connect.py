@@ -1,10 +1,16 @@
-"""``rapace.connect`` and ``rapace.serve``: services over Unix and TCP sockets.
+"""``rapace.connect`` and ``rapace.serve``: services over Unix and TCP sockets and WebSocket.
 
 ::
 
     rapace.serve(CalculatorImpl(), listen="tcp://127.0.0.1:7700", token="...")   # blocks
     async with rapace.connect("tcp://127.0.0.1:7700", Calculator, token="...") as calc:
         await calc.add(2, 3)
+
+    rapace.serve(CalculatorImpl(), listen="ws://0.0.0.0:7701/calc", token="...")  # WebSocket
+    async with rapace.connect("ws://host:7701/calc", Calculator, token="...") as calc: ...
+
+WebSocket carries one frame per binary message, so a browser can be a client; it needs the
+``websockets`` package (``pip install 'rapace[websocket]'``).
 
 The proxy is typed as the service class, so a type checker sees ``await calc.add(2, 3)`` as
 ``int`` for ``async def add(...) -> int``.
@@ -23,8 +29,8 @@ import anyio.abc
 
 from rapace.service import MethodSpec, ServiceSpec, service_spec
 from rapace.session import RpcSession, open_session
+from rapace.streams._abc import Transport
 from rapace.streams._net import Address, connect_transport, serve_transports
-from rapace.streams._stream_transport import StreamTransport
 from rapace.wire import Role
 
 __all__ = ("Proxy", "connect", "serve", "serve_async")
@@ -75,9 +81,10 @@ async def connect(
     """Connect to a served service and yield a proxy for it.
 
     Args:
-        url: ``tcp://host:port`` or ``unix:///path``.
+        url: ``tcp://host:port``, ``unix:///path`` or ``ws://host:port/path``.
         service: the service class (or interface) the server implements.
-        token: the listener's token (TCP listeners always require one).
+        token: the listener's token (TCP and WebSocket listeners always require one); it
+            is proven by an HMAC challenge-response, never sent.
         call_timeout: default deadline in seconds for every call; exceeding it raises
             :class:`rapace.DeadlineExceeded`.
         ping_interval: keep-alive period in seconds; a silent server closes the connection.
@@ -85,7 +92,10 @@ async def connect(
     Raises:
         rapace.Unauthenticated: the token was refused or missing.
         rapace.IncompatibleSchema: (on a call) the server's method has another signature.
+        rapace.RemoteProtocolError: ``url`` is not a rapace listener (for ``ws://``: not
+            at that path).
         OSError: nothing listens at ``url``.
+        ModuleNotFoundError: a ``ws://`` URL without the ``websockets`` package.
     """
     spec = service_spec(service)
     transport = await connect_transport(url, token=token)
@@ -102,10 +112,18 @@ async def serve_async(
     token: str | bytes | None = None,
     task_status: anyio.abc.TaskStatus[Address] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``impl`` on ``listen`` until cancelled; each connection gets its own session."""
+    """Serve ``impl`` on ``listen`` until cancelled; each connection gets its own session.
+
+    ``listen`` and ``token`` are as for :func:`serve`. The bound address (with the real port
+    when port 0 was asked for) is reported through ``task_status``.
+
+    Raises:
+        ValueError: a ``tcp://`` or ``ws://`` listener without a token.
+        OSError: the address cannot be listened on.
+    """
     service_spec(impl)  # fail now, not on the first connection
 
-    async def handle(transport: StreamTransport) -> None:
+    async def handle(transport: Transport) -> None:
         async with open_session(transport, role=Role.ACCEPTOR, serve=impl) as session:
             await session.wait_closed()
 
@@ -117,7 +135,9 @@ def serve(impl: object, *, listen: str | None = None, token: str | bytes | None 
 
     Args:
         impl: an instance of a ``@rapace.service`` class (or of a subclass implementing one).
-        listen: ``tcp://host:port`` (a token is required) or ``unix:///path`` (created 0600).
+        listen: ``tcp://host:port`` or ``ws://host:port/path`` (a token is required; a
+            WebSocket listener answers only on its path, one frame per binary message), or
+            ``unix:///path`` (created 0600).
         token: the secret clients must prove they know (HMAC challenge-response).
     """
     if listen is None:

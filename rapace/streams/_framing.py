@@ -19,7 +19,8 @@ from typing import Final
 from typing_extensions import Buffer
 
 from rapace._errors import RemoteProtocolError, Status
-from rapace.wire import DESCRIPTOR_SIZE, DescriptorLimits, Frame, decode_descriptor
+from rapace.streams._whole_frame import decode_whole_frame
+from rapace.wire import DESCRIPTOR_SIZE, DescriptorLimits, Frame
 from rapace.wire._descriptor import encode_descriptor
 
 __all__ = ("DEFAULT_MAX_FRAME_BYTES", "FrameReader", "encode_frame", "encode_varint")
@@ -164,22 +165,4 @@ class FrameReader:
         )
 
     def _make_frame(self, raw: bytes | bytearray) -> Frame:
-        descriptor = decode_descriptor(raw, 0, self._limits)
-        payload_len = len(raw) - DESCRIPTOR_SIZE
-        if descriptor.payload_len != payload_len:
-            raise RemoteProtocolError(
-                f"descriptor says {descriptor.payload_len} payload bytes, frame carries "
-                f"{payload_len}",
-                status=Status.INVALID_FRAME,
-            )
-        payload = memoryview(raw)[DESCRIPTOR_SIZE:] if payload_len else b""
-        if (
-            payload_len
-            and descriptor.is_inline
-            and bytes(payload) != bytes(descriptor.inline_payload[:payload_len])
-        ):
-            raise RemoteProtocolError(
-                "inline payload differs from the bytes after the descriptor",
-                status=Status.INVALID_FRAME,
-            )
-        return Frame(descriptor, payload)
+        return decode_whole_frame(raw, self._limits)

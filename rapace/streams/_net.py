@@ -1,7 +1,10 @@
-"""Addresses, connecting and listening: ``tcp://host:port`` and ``unix:///path``.
+"""Addresses, connecting and listening: ``tcp://host:port``, ``unix:///path`` and
+``ws://host:port/path``.
 
-TCP listeners require a token (an HMAC challenge-response, see :mod:`rapace.streams._auth`);
-Unix sockets are protected by file permissions: the socket is created 0600.
+TCP and WebSocket listeners require a token (an HMAC challenge-response, see
+:mod:`rapace.streams._auth`); Unix sockets are protected by file permissions: the socket is
+created 0600. WebSocket needs the optional ``websockets`` package (``rapace[websocket]``),
+imported only when a ``ws://`` address is used.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import anyio
 import anyio.abc
 
 from rapace._errors import RemoteProtocolError, Unauthenticated
+from rapace.streams._abc import Transport
 from rapace.streams._auth import accept_greeting, send_greeting
 from rapace.streams._framing import DEFAULT_MAX_FRAME_BYTES
 from rapace.streams._stream_transport import StreamTransport
@@ -27,7 +32,9 @@ __all__ = ("Address", "connect_transport", "parse_address", "serve_transports")
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    scheme: Literal["tcp", "unix"]
+    """A parsed address. ``path`` is the socket file's (unix) or the HTTP path (ws)."""
+
+    scheme: Literal["tcp", "unix", "ws"]
     host: str = ""
     port: int = 0
     path: str = ""
@@ -36,11 +43,14 @@ class Address:
         if self.scheme == "unix":
             return f"unix://{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.scheme == "ws":
+            return f"ws://{host}:{self.port}{self.path}"
         return f"tcp://{host}:{self.port}"
 
 
 def parse_address(url: str) -> Address:
-    """Parse ``tcp://host:port`` or ``unix:///absolute/path``.
+    """Parse ``tcp://host:port``, ``unix:///absolute/path`` or ``ws://host[:port][/path]``
+    (port 80 and path ``/`` when left out).
 
     Raises:
         ValueError: the URL names another scheme or lacks a part.
@@ -55,7 +65,18 @@ def parse_address(url: str) -> Address:
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"{url!r}: a tcp:// address needs a host and a port")
         return Address("tcp", host=parts.hostname, port=parts.port)
-    raise ValueError(f"{url!r}: unsupported scheme (use tcp:// or unix://)")
+    if parts.scheme == "ws":
+        if parts.hostname is None:
+            raise ValueError(f"{url!r}: a ws:// address needs a host, e.g. ws://host:7700/rapace")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: a ws:// address has no query or fragment")
+        port = 80 if parts.port is None else parts.port
+        return Address("ws", host=parts.hostname, port=port, path=parts.path or "/")
+    if parts.scheme == "wss":
+        raise ValueError(
+            f"{url!r}: wss:// (TLS) is not supported; serve ws:// behind a TLS-terminating proxy"
+        )
+    raise ValueError(f"{url!r}: unsupported scheme (use tcp://, unix:// or ws://)")
 
 
 def _token_bytes(token: str | bytes | None) -> bytes | None:
@@ -64,20 +85,44 @@ def _token_bytes(token: str | bytes | None) -> bytes | None:
     return token.encode() if isinstance(token, str) else bytes(token)
 
 
+def _websocket() -> ModuleType:
+    """:mod:`rapace.streams._websocket`, or an ImportError saying what to install."""
+    try:
+        from rapace.streams import _websocket
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("websockets"):
+            raise
+        raise ModuleNotFoundError(
+            "ws:// addresses need the websockets package: pip install 'rapace[websocket]'",
+            name=exc.name,
+        ) from exc
+    return _websocket
+
+
 async def connect_transport(
     address: Address | str,
     *,
     token: str | bytes | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-) -> StreamTransport:
+) -> Transport:
     """Connect, complete the greeting (and token proof), and return the transport.
 
     Raises:
         Unauthenticated: the listener refused the token, or wanted one and none was given.
+        RemoteProtocolError: the other end is not a rapace listener.
         OSError: nothing listens there.
     """
     if isinstance(address, str):
         address = parse_address(address)
+    if address.scheme == "ws":
+        transport: Transport = await _websocket().connect_websocket(
+            address.host,
+            address.port,
+            address.path,
+            token=_token_bytes(token),
+            max_frame_bytes=max_frame_bytes,
+        )
+        return transport
     stream: anyio.abc.ByteStream
     if address.scheme == "unix":
         stream = await connect_unix(address.path)
@@ -94,7 +139,7 @@ async def connect_transport(
 
 async def serve_transports(
     address: Address | str,
-    handler: Callable[[StreamTransport], Awaitable[None]],
+    handler: Callable[[Transport], Awaitable[None]],
     *,
     token: str | bytes | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -107,44 +152,72 @@ async def serve_transports(
     when 0 was asked for) through ``task_status``.
 
     Raises:
-        ValueError: a TCP listener without a token.
+        ValueError: a TCP or WebSocket listener without a token.
     """
     if isinstance(address, str):
         address = parse_address(address)
     secret = _token_bytes(token)
+    websocket = _websocket() if address.scheme == "ws" else None  # fail before listening
     listener: anyio.abc.Listener[anyio.abc.SocketStream]
     if address.scheme == "unix":
         listener = await anyio.create_unix_listener(address.path, mode=0o600)
         bound = address
     else:
         if secret is None:
-            raise ValueError("a TCP listener requires a token (token=...)")
+            kind = "WebSocket" if address.scheme == "ws" else "TCP"
+            raise ValueError(f"a {kind} listener requires a token (token=...)")
         multi = await anyio.create_tcp_listener(local_host=address.host, local_port=address.port)
         listener = multi
         local = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
         assert isinstance(local, tuple)  # an IP listener's address is (host, port, ...)
-        bound = Address("tcp", host=str(local[0]), port=int(local[1]))
+        bound = Address(address.scheme, host=str(local[0]), port=int(local[1]), path=address.path)
 
-    async def serve_one(accepted: anyio.abc.SocketStream) -> None:
+    async def open_transport(accepted: anyio.abc.SocketStream) -> Transport:
+        if websocket is not None:
+            transport: Transport = await websocket.accept_websocket(
+                accepted, address.path, token=secret, max_frame_bytes=max_frame_bytes
+            )
+            return transport
         stream: anyio.abc.ByteStream = accepted
         if address.scheme == "unix":
             # See rapace.streams._unix for why anyio's own Unix stream is bypassed.
             raw = accepted.extra(anyio.abc.SocketAttribute.raw_socket)
             stream = UnixByteStream(raw, owner=accepted)
         try:
-            try:
-                initial = await send_greeting(stream, secret)
-            except (Unauthenticated, anyio.BrokenResourceError, TimeoutError, OSError):
-                return  # refused or gone before it said anything useful: just close
-            transport = StreamTransport(stream, max_frame_bytes=max_frame_bytes, initial=initial)
-            # A peer that breaks the protocol or vanishes ends its own connection only.
-            with contextlib.suppress(
-                RemoteProtocolError, anyio.BrokenResourceError, anyio.EndOfStream
-            ):
-                await handler(transport)
-        finally:
+            initial = await send_greeting(stream, secret)
+        except BaseException:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await stream.aclose()
+            raise
+        return StreamTransport(stream, max_frame_bytes=max_frame_bytes, initial=initial)
+
+    async def serve_one(accepted: anyio.abc.SocketStream) -> None:
+        try:
+            try:
+                transport = await open_transport(accepted)
+            except (
+                Unauthenticated,
+                RemoteProtocolError,
+                anyio.BrokenResourceError,
+                anyio.EndOfStream,
+                TimeoutError,
+                OSError,
+            ):
+                return  # refused or gone before it said anything useful: just close
+            try:
+                await handler(transport)
+            except* (RemoteProtocolError, anyio.BrokenResourceError, anyio.EndOfStream):
+                # A peer that breaks the protocol or vanishes ends its own connection only,
+                # also when the handler reports it inside an exception group (a session
+                # that fails while opening does), which contextlib.suppress does not look
+                # into before Python 3.12.
+                pass
+            finally:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await transport.aclose()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await accepted.aclose()
 
     try:
         async with listener:

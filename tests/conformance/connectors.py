@@ -236,7 +236,7 @@ def serve_conformance(
 
 
 def attach_socket(token: str | None) -> Attach:
-    """``rapace.connect`` to a Unix or TCP address, with ``token``."""
+    """``rapace.connect`` to a Unix, TCP or WebSocket address, with ``token``."""
 
     def attach(address: str, service: type[S], /, **options: Any) -> AbstractAsyncContextManager[S]:
         return rapace.connect(address, service, token=token, **options)
@@ -255,13 +255,19 @@ def _tcp_url(env: Env) -> str:
     return "tcp://127.0.0.1:0"
 
 
+def _ws_url(env: Env) -> str:
+    return "ws://127.0.0.1:0/rapace"
+
+
 CONNECTORS: dict[str, Connector] = {
     "memory": memory,
     "unix": listener(_unix_url, None),
     "tcp": listener(_tcp_url, TOKEN),
+    "ws": listener(_ws_url, TOKEN),
     "shm": pair_connector(_shm_pair),
     "unix-process": process_connector(serve_conformance(_unix_url, None), attach_socket(None)),
     "tcp-process": process_connector(serve_conformance(_tcp_url, TOKEN), attach_socket(TOKEN)),
+    "ws-process": process_connector(serve_conformance(_ws_url, TOKEN), attach_socket(TOKEN)),
     "shm-process": shm_process,
 }
 """Every transport the suite runs over, by name (the name is the test id)."""

@@ -1,9 +1,10 @@
 """One suite of scenarios, run over every transport and both anyio backends.
 
-In-memory defines the semantics; Unix and TCP sockets must behave the same, with the server in
-this process or in another one (``connectors.py`` lists the transports and says how to add
-one). Tests observe the handler side only through calls (``services.py``), never through
-shared objects, so that a server in another process is checked exactly like one in here.
+In-memory defines the semantics; Unix and TCP sockets, WebSocket and shared memory must behave
+the same, with the server in this process or in another one (``connectors.py`` lists the
+transports and says how to add one). Tests observe the handler side only through calls
+(``services.py``), never through shared objects, so that a server in another process is
+checked exactly like one in here.
 """
 
 from __future__ import annotations

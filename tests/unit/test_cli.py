@@ -332,6 +332,8 @@ def test_doctor_reports_a_crashing_check_as_a_failure(
     ("extra", "needle"),
     [
         (["--listen", "tcp://127.0.0.1:0"], "a tcp:// listener requires a token"),
+        (["--listen", "ws://127.0.0.1:0/p"], "a ws:// listener requires a token"),
+        (["--listen", "wss://127.0.0.1:0/p", "--token", "t"], "wss:// (TLS) is not supported"),
         (["--listen", "http://x"], "unsupported scheme"),
         (["--listen", "unix:///x.sock", "--token-env", "RAPACE_TEST_UNSET"], "RAPACE_TEST_UNSET"),
         (["--listen", "tcp://127.0.0.1:0", "--token", ""], "the token is empty"),

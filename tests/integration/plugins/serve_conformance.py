@@ -1,4 +1,4 @@
-"""A server process for tests: serves ``Conformance`` on a Unix or TCP listener.
+"""A server process for tests: serves ``Conformance`` on a Unix, TCP or WebSocket listener.
 
 ::
 
@@ -58,7 +58,9 @@ async def main(url: str, token: str | None) -> None:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="serve_conformance", description=__doc__)
-    parser.add_argument("url", help="unix:///path or tcp://host:port (port 0: any)")
+    parser.add_argument(
+        "url", help="unix:///path, tcp://host:port or ws://host:port/path (port 0: any)"
+    )
     parser.add_argument("token", nargs="?", default=None, help="the listener's token")
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     return parser.parse_args(argv)

@@ -12,11 +12,15 @@ from pathlib import Path
 import anyio
 import pytest
 
+import rapace
 from rapace import RemoteProtocolError, Unauthenticated
+from rapace._connect import serve_async
+from rapace.streams._auth import accept_greeting
 from rapace.streams._net import Address, connect_transport, parse_address, serve_transports
 from rapace.streams._stream_transport import StreamTransport
 from rapace.wire import Descriptor, Frame
 from rapace.wire._descriptor import DATA
+from tests.conformance.services import Conformance
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +79,8 @@ async def _expect_closed_by_peer(stream: anyio.abc.ByteStream) -> None:
         ("tcp://127.0.0.1:7700", Address("tcp", host="127.0.0.1", port=7700)),
         ("tcp://[::1]:80", Address("tcp", host="::1", port=80)),
         ("unix:///tmp/x.sock", Address("unix", path="/tmp/x.sock")),
+        ("ws://127.0.0.1:7700/rapace", Address("ws", host="127.0.0.1", port=7700, path="/rapace")),
+        ("ws://[::1]:80/a/b", Address("ws", host="::1", port=80, path="/a/b")),
     ],
 )
 def test_parse_address(url: str, expected: Address) -> None:
@@ -83,11 +89,18 @@ def test_parse_address(url: str, expected: Address) -> None:
     assert str(expected) == url
 
 
-@pytest.mark.parametrize("url", ["http://x:1", "tcp://host", "unix://", "ws://h:1/p"])
+@pytest.mark.parametrize(
+    "url", ["http://x:1", "tcp://host", "unix://", "wss://h:1/p", "ws://:1/p", "ws://h:1/p?q=1"]
+)
 def test_parse_address_rejects_bad_urls(url: str) -> None:
     """Unsupported or incomplete URLs are a ValueError naming the URL."""
-    with pytest.raises(ValueError, match=r"tcp://|unix://|scheme"):
+    with pytest.raises(ValueError, match=r"tcp://|unix://|ws://|scheme"):
         parse_address(url)
+
+
+def test_parse_address_ws_defaults() -> None:
+    """A ws:// URL without a port or a path means port 80 and path /."""
+    assert parse_address("ws://example.org") == Address("ws", "example.org", 80, "/")
 
 
 async def test_unix_socket_round_trip_and_permissions(tmp_path: Path) -> None:
@@ -200,3 +213,23 @@ async def test_oversized_frame_closes_the_connection(tmp_path: Path) -> None:
                 await client.aclose()
     assert len(results) == 1
     assert "exceeds the limit" in str(results[0])
+
+
+async def test_a_bad_first_frame_ends_only_that_session() -> None:
+    """A peer whose first frame after the greeting is invalid fails its own session while
+    it opens (reported inside an exception group); the listener keeps serving others."""
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            bound = await tg.start(
+                lambda task_status: serve_async(
+                    Conformance(), listen="tcp://127.0.0.1:0", token=TOKEN, task_status=task_status
+                )
+            )
+            raw = await anyio.connect_tcp(bound.host, bound.port)
+            async with raw:
+                await accept_greeting(raw, TOKEN.encode())
+                await raw.send(bytes([64]) + b"\xff" * 64)  # length 64, an invalid descriptor
+                await _expect_closed_by_peer(raw)
+            async with rapace.connect(str(bound), Conformance, token=TOKEN) as calc:
+                assert await calc.add(2, 3) == 5
+            tg.cancel_scope.cancel()
