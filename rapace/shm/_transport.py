@@ -434,6 +434,8 @@ class ShmTransport:
             else:
                 area.release(reference, generation)
         returns.consume(count)
+        if self._words[self._peer + ControlWord.SPACE_WANTED]:
+            self._peer_doorbell.ring()  # it may be waiting to return more
 
     async def _wait_for_space(self) -> None:
         words = self._words
@@ -531,6 +533,8 @@ class ShmTransport:
         returns = self._returns_out
         pending = self._unreturned
         room = returns.space()
+        if room < len(pending):
+            room = returns.refresh()  # the cached tail undercounts what the owner took back
         if not room:
             return
         count = min(room, len(pending))
@@ -568,6 +572,14 @@ class ShmTransport:
                         break
         spun = budget > 0
         words = self._words
+        if self._unreturned:
+            # Returns that did not fit: the owner needs them to send again, so it must not
+            # wait for our next drain. Push what fits; for the rest, ask to be rung when it
+            # has taken some back, and wake it to do so.
+            self._push_returns()
+            if self._unreturned:
+                words[self._own + ControlWord.SPACE_WANTED] = 1
+                self._peer_doorbell.ring()
         words[self._own + ControlWord.PARKED] = 1
         try:
             # Re-check after publishing PARKED: the peer may have published just before it.
@@ -585,6 +597,10 @@ class ShmTransport:
         finally:
             if not self._released:
                 words[self._own + ControlWord.PARKED] = 0
+                if self._unreturned:
+                    self._push_returns()
+                if not self._unreturned and not self._pending:
+                    words[self._own + ControlWord.SPACE_WANTED] = 0
 
     async def _sleep(self, ring: RingReader) -> None:
         """Sleep on the doorbell until a ring, the peer's death or its close."""
@@ -596,6 +612,7 @@ class ShmTransport:
         for max_wait in park_timeouts():
             if await self._waiter.wait(max_wait):
                 self._check_liveness()  # woken by a ring, or by the liveness fd
+                self._collect_returns()  # the ring may have been a plea to take them
                 return
             if ring.available() or words[self._peer + ControlWord.CLOSED]:
                 return

@@ -454,3 +454,11 @@ def test_a_by_value_class_for_another_python_version_is_refused(tmp_path: Path) 
     Notebooky.__module__ = "__main__"  # as if defined in a notebook cell
     with pytest.raises(rapace.BrokenPluginPool, match=r"Python 3\.99 and cannot load it"):
         PluginPool(Notebooky, workers=1, python=str(fake_python)).start()
+
+
+def test_map_with_hundreds_of_chunks_in_flight() -> None:
+    """391 chunks at once: more than either side's slots, so both wait for returned slots
+    (this once deadlocked on returns stranded behind a stale view of the return ring)."""
+    xs = list(range(100_000))
+    with PluginPool(Calculator, workers=1) as pool:
+        assert list(pool.map(Calculator.add, xs, xs, chunksize=256)) == [2 * x for x in xs]
