@@ -27,7 +27,7 @@ from rapace.shm._layout import (
 )
 from rapace.shm._segment import Segment
 from rapace.shm._slots import SizeClass
-from rapace.shm._transport import ShmTransport, SpinPolicy
+from rapace.shm._transport import DEFAULT_SPIN, ShmTransport, SpinPolicy
 
 __all__ = ("LinkOffer", "LinkOptions", "attach_link", "create_link", "shm_pair")
 
@@ -45,7 +45,7 @@ class LinkOptions:
 
     ring_capacity: int = DEFAULT_RING_CAPACITY
     classes: Sequence[SizeClass] = field(default=DEFAULT_CLASSES)
-    spin: float = 50e-6
+    spin: float = DEFAULT_SPIN
 
     def layout(self) -> LinkLayout:
         return LinkLayout.compute(self.ring_capacity, self.classes)
@@ -134,7 +134,7 @@ def attach_link(
     offer: LinkOffer | str,
     *,
     peer_liveness_fd: int | None = None,
-    spin: float = 50e-6,
+    spin: float = DEFAULT_SPIN,
 ) -> ShmTransport:
     """Attach side B to a link from inherited fds, which it owns from then on (a failed
     attach closes them).
@@ -188,7 +188,7 @@ def shm_pair(options: LinkOptions | None = None) -> tuple[ShmTransport, ShmTrans
         a.unlink_name()
         raise
     try:
-        b = attach_link(dup_offer, spin=options.spin if options else 50e-6)
+        b = attach_link(dup_offer, spin=options.spin if options else DEFAULT_SPIN)
     finally:
         a.unlink_name()
     return a, b
