@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,7 @@ def main() -> int:
     }
     print(
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, anyio "
-        f"{anyio.__version__ if hasattr(anyio, '__version__') else ''}, {args.calls} calls, "
-        f"{IN_FLIGHT} in flight"
+        f"{version('anyio')}, {args.calls} calls, {IN_FLIGHT} in flight"
     )
     print(f"  {'system':<22} {'p50 us':>9} {'p99 us':>9} {'calls/s':>10} {'items/s':>10}")
     for name, row in results.items():
