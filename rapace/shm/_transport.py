@@ -7,17 +7,23 @@ published descriptor in one go, validating each (descriptor rules, slot referenc
 state) before reading its payload, copies the payload out, and returns slots through the
 return ring at once, so a receiver that keeps results never pins the sender's area.
 
-Waiting is where the design choices are (see ``benchmarks/bench_shm_limits.py`` and its
-results in ``benchmarks/README.md``):
+Waiting is where the design choices are, made from ``benchmarks/bench_shm_limits.py``
+(numbers in ``benchmarks/README.md``):
 
-* a wake-up through the kernel costs 45-60 us round trip across CPUs and 5-10 us on one CPU;
-  a spin on the ring hands off in under a microsecond. So a receiver with nothing to read
-  first spins briefly, yielding to its event loop between looks (other tasks keep running),
-  and only then parks on its eventfd;
-* spinning when both processes share one CPU only steals the time the peer needs to answer,
-  so there is no spin unless both sides may run on different CPUs (their affinity masks,
-  published in the control lines), and the spin budget adapts: it shrinks when spins keep
-  failing and grows back when they succeed;
+* a raw ring round trip that parks on the eventfd costs 58 us across CPUs (9.6 us on one);
+  one that spins costs 3.5 us. So a receiver with nothing to read first spins, then parks;
+* a plain spin on one CPU only steals the time the peer needs to answer (12x slower than
+  parking), but a spin that also calls ``sched_yield`` stays at parking speed there (7.6 us)
+  and costs little across CPUs (4.1 us). So each look yields the event loop (other tasks
+  run) and the CPU (a peer sharing it runs), and there is no spin at all unless the two
+  sides' affinity masks, published in the control lines, let them run in parallel;
+* a session's reply takes the peer's own work (~30-40 us) plus, if it had parked, its
+  wake-up: the spin lasts up to 200 us so both sides stay in step (50 us let them fall out
+  of step and park on every call: 156 us p50 against 48 us), and it stops after a run of
+  long sleeps (an idle link), see :class:`SpinPolicy`;
+* a start_soon + Event per message costs ~14 us against ~4 for a bare asyncio future, and
+  anyio's wait_readable + move_on_after per park about doubles a parked round trip, so on
+  asyncio the doorbell stays registered and a park is a bare future with a timer;
 * a parked receiver re-checks 10 ms after parking (a lost wake-up is bounded by it, see
   ``_park``), then at growing intervals while it stays idle; it sleeps on an epoll set of its
   doorbell and the peer's liveness fd (a pidfd, or the host-death pipe), so a death wakes it
