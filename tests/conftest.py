@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from rapace.shm._cleanup import owner_alive
+from rapace.shm._segment import owner_of
+
 pytest_plugins = ["pytester"]
 
 SHM_DIR = Path("/dev/shm")
@@ -74,7 +77,24 @@ def _segments() -> frozenset[str]:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return frozenset()
-    return frozenset(n for n in names if n.startswith(SEGMENT_PREFIXES))
+    return frozenset(n for n in names if n.startswith(SEGMENT_PREFIXES) and _maybe_ours(n))
+
+
+def _maybe_ours(name: str) -> bool:
+    """False for a rapace segment of another running process: /dev/shm is shared, and a test
+    run beside this one (another checkout, a benchmark) must not count as this test's leak.
+    A segment of this process, of a dead one (a killed worker) or of no pid still counts."""
+    pid = owner_of(name)
+    if pid is None or pid == os.getpid():
+        return True
+    return not owner_alive(pid) or _is_descendant(pid)
+
+
+def _is_descendant(pid: int) -> bool:
+    try:
+        return pid in _children_of(os.getpid())
+    except OSError:
+        return False
 
 
 def take_snapshot() -> Snapshot:
