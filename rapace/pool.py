@@ -1319,6 +1319,23 @@ def _python_version(python: str) -> tuple[int, int] | None:
         return None
 
 
+def _in_event_loop() -> bool:
+    """Cheaply: does an asyncio loop or a trio run drive this thread?"""
+    if asyncio._get_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    in_trio_run = getattr(trio.lowlevel, "in_trio_run", None)
+    if in_trio_run is not None:
+        return bool(in_trio_run())
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _in_task() -> bool:
     try:
         anyio.get_current_task()
@@ -1329,6 +1346,8 @@ def _in_task() -> bool:
 
 def _remaining_time() -> float | None:
     """Seconds left before the calling task's anyio deadline, if it runs in an event loop."""
+    if not _in_event_loop():
+        return None  # a plain thread: skip anyio's backend detection, which raises there
     try:
         deadline = anyio.current_effective_deadline()
         now = anyio.current_time()
