@@ -301,6 +301,8 @@ class _PoolCore(Generic[S]):
         self._state = "running"
         self._prepare_payload()
         self._loop = current_loop_handle()
+        # On asyncio, call tasks are bare tasks here too (awaited in aclose).
+        self._aio_loop = _running_asyncio_loop()
         group = anyio.create_task_group()
         await group.__aenter__()
         self._task_group = group
@@ -474,6 +476,9 @@ class _PoolCore(Generic[S]):
         try:
             await self._stop_everything(wait=wait, cancel_futures=cancel_futures)
         finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE_S):
+                while self._call_tasks:  # calls were cancelled or finished: let them end
+                    await asyncio.wait(set(self._call_tasks))
             group = self._async_exit
             self._async_exit = None
             if group is not None:
@@ -1317,6 +1322,15 @@ def _python_version(python: str) -> tuple[int, int] | None:
         return int(out[0]), int(out[1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
+
+
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop driving this thread, or None (no loop, or trio)."""
+    trio = sys.modules.get("trio")
+    in_trio_run = getattr(getattr(trio, "lowlevel", None), "in_trio_run", None)
+    if in_trio_run is not None and in_trio_run():
+        return None
+    return asyncio._get_running_loop()
 
 
 def _in_event_loop() -> bool:
