@@ -426,7 +426,7 @@ class _PoolCore(Generic[S]):
                 done.wait()
             except KeyboardInterrupt:  # a second Ctrl-C: stop now, whatever is running
                 self._state = "closed"
-                self._processes.kill_all()
+                self._stop_now()
                 raise
         self._join_thread()
 
@@ -437,6 +437,29 @@ class _PoolCore(Generic[S]):
             await self._stop_everything(wait=wait, cancel_futures=cancel_futures)
         finally:
             then()
+
+    def _stop_now(self) -> None:
+        """Stop without waiting for anything: calls cancelled, no restarts, workers killed,
+        the loop thread told to end (it finishes its clean-up on its own)."""
+        loop, thread = self._loop, self._thread
+
+        def cancel_everything() -> None:
+            self._cancelling_all = True
+            for scope in list(self._call_scopes):
+                scope.cancel()
+            for future in list(self._waiting):
+                future.cancel()
+            if self._stop_requested is not None:
+                self._stop_requested.set()
+            if self._ready_changed is not None:
+                self._ready_changed.set()
+
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already gone
+                loop.call_soon(cancel_everything)
+        self._processes.kill_all()
+        if thread is not None:
+            thread.request_stop()
 
     def _join_thread(self) -> None:
         thread = self._thread
