@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from rapace._future import wait_on_any_loop
-from rapace._loop import LoopHandle
+from rapace._loop import LoopHandle, current_trio_token
 
 __all__ = ("CrossLoopSource", "needs_bridge")
 
@@ -54,15 +54,9 @@ class CrossLoopSource:
         Raises:
             TypeError: no event loop runs in this thread to iterate the source.
         """
-        trio = sys.modules.get("trio")
-        if trio is not None:
-            try:
-                trio.lowlevel.current_trio_token()
-            except RuntimeError:
-                pass
-            else:
-                trio.lowlevel.spawn_system_task(self._pump)
-                return
+        if current_trio_token() is not None:
+            sys.modules["trio"].lowlevel.spawn_system_task(self._pump)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

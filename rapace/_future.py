@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
-from rapace._loop import LoopHandle
+from rapace._loop import LoopHandle, current_trio_token
 
 __all__ = ("Future", "Stream", "wait_on_any_loop")
 
@@ -29,22 +29,18 @@ async def wait_on_any_loop(subscribe: Callable[[Callable[[], None]], None]) -> N
 
     ``subscribe(wake)`` must arrange for ``wake()`` to be called once, from any thread.
     """
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            event = trio.Event()
+    token = current_trio_token()
+    if token is not None:
+        trio = sys.modules["trio"]
+        event = trio.Event()
 
-            def wake_trio() -> None:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(event.set)
+        def wake_trio() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(event.set)
 
-            subscribe(wake_trio)
-            await event.wait()
-            return
+        subscribe(wake_trio)
+        await event.wait()
+        return
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
     loop_thread = threading.get_ident()

@@ -17,7 +17,13 @@ from typing import Any
 
 import anyio
 
-__all__ = ("LoopHandle", "LoopThread", "current_loop_handle")
+__all__ = (
+    "LoopHandle",
+    "LoopThread",
+    "current_loop_handle",
+    "current_trio_token",
+    "running_asyncio_loop",
+)
 
 
 class LoopHandle:
@@ -41,16 +47,30 @@ class LoopHandle:
         return threading.get_ident() == self.thread_id
 
 
+def current_trio_token() -> Any | None:
+    """The token of the trio run driving this thread, or None (trio is never imported here:
+    if the program has not imported it, no trio run can be going on)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
+
+
+def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop driving this thread, or None (no loop, or a trio run)."""
+    if current_trio_token() is not None:
+        return None
+    return asyncio._get_running_loop()
+
+
 def current_loop_handle() -> LoopHandle:
     """The handle of the loop running in this thread (asyncio or trio)."""
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            return LoopHandle(token.run_sync_soon, threading.get_ident())
+    token = current_trio_token()
+    if token is not None:
+        return LoopHandle(token.run_sync_soon, threading.get_ident())
     loop = asyncio.get_running_loop()
     return LoopHandle(loop.call_soon_threadsafe, threading.get_ident())
 

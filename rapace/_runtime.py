@@ -30,6 +30,8 @@ from typing import Any, Protocol, TypeVarTuple
 import anyio
 import anyio.abc
 
+from rapace._loop import current_trio_token
+
 __all__ = ("Runtime", "Waiter", "current_runtime")
 
 Ts = TypeVarTuple("Ts")
@@ -133,14 +135,8 @@ def current_runtime(
         on_crash: called with an exception a handler task let out (asyncio fast path: the
             task group would have raised it).
     """
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            return _TaskGroupRuntime(task_group, trio.Event)
+    if current_trio_token() is not None:
+        return _TaskGroupRuntime(task_group, sys.modules["trio"].Event)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

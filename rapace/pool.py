@@ -41,7 +41,13 @@ from rapace._errors import (
     WorkerCrashed,
 )
 from rapace._future import Future, Stream
-from rapace._loop import LoopHandle, LoopThread, current_loop_handle
+from rapace._loop import (
+    LoopHandle,
+    LoopThread,
+    current_loop_handle,
+    current_trio_token,
+    running_asyncio_loop,
+)
 from rapace._workers import StartFailed, WorkerLaunch, describe_exit, launch_worker, stop_process
 from rapace.service import MethodSpec, ServiceSpec, service_spec
 from rapace.session import RpcSession, open_session
@@ -302,7 +308,7 @@ class _PoolCore(Generic[S]):
         self._prepare_payload()
         self._loop = current_loop_handle()
         # On asyncio, call tasks are bare tasks here too (awaited in aclose).
-        self._aio_loop = _running_asyncio_loop()
+        self._aio_loop = running_asyncio_loop()
         group = anyio.create_task_group()
         await group.__aenter__()
         self._task_group = group
@@ -1347,30 +1353,9 @@ def _python_version(python: str) -> tuple[int, int] | None:
         return None
 
 
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop driving this thread, or None (no loop, or trio)."""
-    trio = sys.modules.get("trio")
-    in_trio_run = getattr(getattr(trio, "lowlevel", None), "in_trio_run", None)
-    if in_trio_run is not None and in_trio_run():
-        return None
-    return asyncio._get_running_loop()
-
-
 def _in_event_loop() -> bool:
     """Cheaply: does an asyncio loop or a trio run drive this thread?"""
-    if asyncio._get_running_loop() is not None:
-        return True
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    in_trio_run = getattr(trio.lowlevel, "in_trio_run", None)
-    if in_trio_run is not None:
-        return bool(in_trio_run())
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True
+    return asyncio._get_running_loop() is not None or current_trio_token() is not None
 
 
 def _in_task() -> bool:
