@@ -201,7 +201,6 @@ class _PoolCore(Generic[S]):
         self._task_group: anyio.abc.TaskGroup | None = None
         self._async_exit: Any = None
         self._ready_changed: anyio.Event | None = None
-        self._all_started: anyio.Event | None = None
         self._calls_idle: anyio.Event | None = None
         self._stop_requested: anyio.Event | None = None
         self._calls = 0
@@ -216,14 +215,13 @@ class _PoolCore(Generic[S]):
         self._proxy: Any = None
         self._service_payload: bytes | None = None
         self._startup_error: BaseException | None = None
-        self.stats_calls = 0
-        self.stats_errors = 0
+        self._stats_calls = 0
+        self._stats_errors = 0
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
         self._call_scopes: set[anyio.CancelScope] = set()
         self._cancelling_all = False
         self._aio_loop: asyncio.AbstractEventLoop | None = None  # set on the pool's own thread
         self._call_tasks: set[asyncio.Task[None]] = set()
-        self._finished_transport_stats: dict[str, int] = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -331,7 +329,6 @@ class _PoolCore(Generic[S]):
 
     def _init_loop_state(self) -> None:
         self._ready_changed = anyio.Event()
-        self._all_started = anyio.Event()
         self._stop_requested = anyio.Event()
         self._inbox_wake = anyio.Event()
         assert self._task_group is not None
@@ -772,7 +769,7 @@ class _PoolCore(Generic[S]):
                 try:
                     result = await self._call_in_worker(spec, args, kwargs, future)
                 except Exception as exc:
-                    self.stats_errors += 1
+                    self._stats_errors += 1
                     future._fail(exc)
                 else:
                     future._resolve(result)
@@ -789,11 +786,15 @@ class _PoolCore(Generic[S]):
             task = asyncio.current_task() if self._aio_loop is not None else None
             if task is not None:
                 self._call_tasks.discard(task)
-            self.stats_calls += 1
-            self._calls -= 1
-            idle = self._calls_idle
-            if not self._calls and idle is not None:
-                idle.set()
+            self._stats_calls += 1
+            self._call_ended()
+
+    def _call_ended(self) -> None:
+        """Book a finished call; the last one wakes a shutdown waiting for calls in flight."""
+        self._calls -= 1
+        idle = self._calls_idle
+        if not self._calls and idle is not None:
+            idle.set()
 
     async def _pick(self, future: Future[Any] | None) -> _Slot:
         """The ready worker with the fewest calls in flight; waits while none is ready."""
@@ -1018,10 +1019,7 @@ class _PoolCore(Generic[S]):
         except Exception as exc:
             future._fail(exc)
         finally:
-            self._calls -= 1
-            idle = self._calls_idle
-            if not self._calls and idle is not None:
-                idle.set()
+            self._call_ended()
 
     # ------------------------------------------------------------------ streams
 
@@ -1083,10 +1081,7 @@ class _PoolCore(Generic[S]):
         finally:
             if not stream._finished:
                 stream._finish()
-            self._calls -= 1
-            idle = self._calls_idle
-            if not self._calls and idle is not None:
-                idle.set()
+            self._call_ended()
 
     # ------------------------------------------------------------------ views
 
@@ -1124,8 +1119,8 @@ class _PoolCore(Generic[S]):
                 transport[name] += getattr(counters, name)
             high_water = max(high_water, counters.ring_high_water)
         return {
-            "calls": self.stats_calls,
-            "errors": self.stats_errors,
+            "calls": self._stats_calls,
+            "errors": self._stats_errors,
             "restarts": sum(slot.restarts for slot in self._slots),
             "in_flight": self._calls,
             "latency_us": {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99)},

@@ -6,8 +6,8 @@ everything. The producer rings only when the consumer has published that it is p
 Python cannot order a store before a later load across processes (x86 may let the load pass
 the store), so publishing "parked" and re-checking the ring can race with the producer's
 "publish, then check parked": both may see the old value. The bound on that lost wake-up is
-the park timeout: a parked side re-checks its ring at least every :data:`PARK_TIMEOUT`
-seconds.
+the first park timeout: a parked side re-checks its ring :data:`PARK_TIMEOUT` after parking,
+then less and less often while it stays idle (:func:`park_timeouts`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from typing import Final
 
 import anyio
+
+from rapace.shm._liveness import fd_readable
 
 __all__ = ("PARK_TIMEOUT", "Doorbell", "FdWaiter", "park_timeouts")
 
@@ -60,9 +62,13 @@ class Doorbell:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_write(self.fd, 1)
 
-    def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+    def clear(self) -> bool:
+        """Reset the counter; True if the doorbell had been rung."""
+        try:
             os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return False
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -96,6 +102,7 @@ class FdWaiter:
         "_liveness_fd",
         "_loop",
         "_waiting",
+        "rang",
     )
 
     def __init__(self, doorbell: Doorbell) -> None:
@@ -106,6 +113,7 @@ class FdWaiter:
         self._liveness_fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the fd is registered on
         self._waiting: asyncio.Future[bool] | None = None
+        self.rang = False  # whether the last wake-up came from the doorbell itself
 
     def watch(self, liveness_fd: int) -> None:
         """Also wake when ``liveness_fd`` turns readable (the caller owns that fd)."""
@@ -140,7 +148,7 @@ class FdWaiter:
                 await anyio.wait_readable(self._fd)
             if scope.cancelled_caught:
                 return False
-            self._doorbell.clear()
+            self.rang = self._doorbell.clear()
             return True
         finally:
             self._leading = False
@@ -165,9 +173,9 @@ class FdWaiter:
     def _on_readable(self) -> None:
         # The loop polls level-triggered: drain the eventfd so the callback stops firing. A
         # readable liveness fd stays readable, so stop watching then (the peer is gone).
-        self._doorbell.clear()
+        self.rang = self._doorbell.clear()
         liveness = self._liveness_fd
-        if liveness is not None and _readable_now(liveness):
+        if not self.rang and liveness is not None and fd_readable(liveness):
             self._unregister()
         waiting = self._waiting
         if waiting is not None:
@@ -200,11 +208,6 @@ class FdWaiter:
 def _settle(waiting: asyncio.Future[bool], value: bool) -> None:
     if not waiting.done():
         waiting.set_result(value)
-
-
-def _readable_now(fd: int) -> bool:
-    readable, _, _ = select.select([fd], [], [], 0)
-    return bool(readable)
 
 
 def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:

@@ -136,6 +136,13 @@ class SlotAllocator(_Area):
                 )
         return None
 
+    def can_allocate(self, nbytes: int) -> bool:
+        """Whether :meth:`allocate` would find a slot for ``nbytes`` now."""
+        return any(
+            slot_size >= nbytes and free
+            for (slot_size, _), free in zip(self._classes, self._free, strict=True)
+        )
+
     def publish(self, reference: int, generation: int) -> None:
         """Mark an allocated slot in flight; call before the descriptor naming it is published."""
         cls, index = reference >> CLASS_SHIFT, reference & INDEX_MASK

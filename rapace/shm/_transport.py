@@ -425,7 +425,7 @@ class ShmTransport:
             self._collect_returns()
             if len(self._blocks) >= MAX_BLOCKS_IN_FLIGHT:
                 return None
-        placed_block = self._blocks.create(memoryview(payload).cast("B"))
+        placed_block = self._blocks.create(memoryview(payload))
         self.stats.bytes_in_blocks += nbytes
         return placed_block
 
@@ -471,12 +471,7 @@ class ShmTransport:
             return True
         if nbytes > self._max_slot:
             return len(self._blocks) < MAX_BLOCKS_IN_FLIGHT
-        area = self._area
-        placed = area.allocate(nbytes)
-        if placed is None:
-            return False
-        area.abandon(placed[0])
-        return True
+        return self._area.can_allocate(nbytes)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -623,7 +618,8 @@ class ShmTransport:
         # wait longer: an idle link costs almost nothing.
         for max_wait in park_timeouts():
             if await self._waiter.wait(max_wait):
-                self._check_liveness()  # woken by a ring, or by the liveness fd
+                if not self._waiter.rang:  # not the doorbell: the liveness fd, then
+                    self._check_liveness()
                 self._collect_returns()  # the ring may have been a plea to take them
                 return
             if ring.available() or words[self._peer + ControlWord.CLOSED]:

@@ -156,6 +156,7 @@ class SlotMachine(RuleBasedStateMachine):
             for cls, (size, _) in enumerate(self.classes)
             if size >= nbytes and any(s.cls == cls for s in self.in_state("free"))
         ]
+        assert self.owner.can_allocate(nbytes) == bool(fitting)
         got = self.owner.allocate(nbytes)
         if not fitting:
             assert got is None
