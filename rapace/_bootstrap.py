@@ -66,8 +66,11 @@ class Bootstrap:
         """The worker's end of the link (a Transport), before any I/O."""
         if self.transport == "shm":
             from rapace.shm import attach_link
+            from rapace.shm._arena import ArenaMap
 
-            return attach_link(self.link, peer_liveness_fd=self.death_fd)
+            transport = attach_link(self.link, peer_liveness_fd=self.death_fd)
+            transport.buffers.arena = ArenaMap(self.host_pid)  # maps blocks as referenced
+            return transport
         if self.transport == "unix":
             from rapace.streams._stream_transport import StreamTransport
             from rapace.streams._unix import UnixByteStream

@@ -48,11 +48,13 @@ from rapace._loop import (
     current_trio_token,
     running_asyncio_loop,
 )
+from rapace._shared_arrays import arena_buffer, arena_empty, arena_zeros
 from rapace._workers import StartFailed, WorkerLaunch, describe_exit, launch_worker, stop_process
 from rapace.service import MethodSpec, ServiceSpec, service_spec
 from rapace.session import RpcSession, open_session
 from rapace.shm import SUPPORTED as SHM_SUPPORTED
 from rapace.shm import LinkOptions, SizeClass
+from rapace.shm._arena import Arena
 from rapace.wire import Role
 
 __all__ = ("PluginPool", "WorkerInfo")
@@ -222,6 +224,11 @@ class _PoolCore(Generic[S]):
         self._cancelling_all = False
         self._aio_loop: asyncio.AbstractEventLoop | None = None  # set on the pool's own thread
         self._call_tasks: set[asyncio.Task[None]] = set()
+        # Shared memory users allocate (pool.empty): blocks are created on first use, their
+        # names removed when the pool closes or is collected; views keep their memory.
+        self.arena = Arena() if SHM_SUPPORTED else None
+        if self.arena is not None:
+            weakref.finalize(self, self.arena.close)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -405,6 +412,7 @@ class _PoolCore(Generic[S]):
         first; the workers are then stopped (goodbye, terminate, kill, each bounded)."""
         if self._state in ("new", "closed"):
             self._state = "closed"
+            self._close_arena()
             return
         if self._loop is not None and self._loop.in_loop_thread():
             raise RuntimeError(
@@ -469,7 +477,12 @@ class _PoolCore(Generic[S]):
         if thread is not None:
             thread.stop(timeout=STOP_GRACE_S + 10)
         self._state = "closed"
+        self._close_arena()
         self._processes.kill_all()
+
+    def _close_arena(self) -> None:
+        if self.arena is not None:
+            self.arena.close()  # names go now; memory still viewed stays until its views die
 
     def abandon(self) -> None:
         """The user dropped the pool without shutting it down (garbage collection, a notebook
@@ -497,6 +510,7 @@ class _PoolCore(Generic[S]):
             return
         if self._state in ("new", "closed"):
             self._state = "closed"
+            self._close_arena()
             return
         self._state = "stopping"
         try:
@@ -511,6 +525,7 @@ class _PoolCore(Generic[S]):
                 group.cancel_scope.cancel()
                 await group.__aexit__(None, None, None)
             self._state = "closed"
+            self._close_arena()
             self._processes.kill_all()
 
     async def _stop_everything(self, *, wait: bool, cancel_futures: bool = False) -> None:
@@ -638,6 +653,9 @@ class _PoolCore(Generic[S]):
         assert launch.transport is not None
         stop = self._stop_requested
         assert stop is not None
+        buffers = getattr(launch.transport, "buffers", None)
+        if buffers is not None:
+            buffers.arena = self.arena  # references to it come back from the worker
         async with (
             open_session(
                 launch.transport, role=Role.INITIATOR, call_timeout=self._options.call_timeout
@@ -1112,12 +1130,16 @@ class _PoolCore(Generic[S]):
         high_water = 0
         for slot in self._slots:
             launch = slot.launch
-            counters = getattr(launch.transport, "stats", None) if launch is not None else None
+            if launch is None:
+                continue
+            counters = getattr(launch.transport, "stats", None)
             if counters is None:
                 continue
-            for name in ("frames_sent", "frames_received", "bytes_in_slots", "bytes_in_blocks"):
+            for name in _TRANSPORT_COUNTERS:
                 transport[name] += getattr(counters, name)
             high_water = max(high_water, counters.ring_high_water)
+            transport["blocks_alive"] += getattr(launch.transport, "buffer_blocks_alive", 0)
+        arena = self.arena.statistics() if self.arena is not None else None
         return {
             "calls": self._stats_calls,
             "errors": self._stats_errors,
@@ -1130,6 +1152,12 @@ class _PoolCore(Generic[S]):
             "bytes_in_slots": transport["bytes_in_slots"],
             "bytes_in_blocks": transport["bytes_in_blocks"],
             "ring_high_water": high_water,
+            "bytes_by_reference": transport["bytes_by_reference"],
+            "bytes_copied": transport["bytes_copied"],
+            "arrays_made_contiguous": transport["arrays_made_contiguous"],
+            "blocks_alive": transport["blocks_alive"],
+            "arena_bytes_in_use": arena.bytes_in_use if arena else 0,
+            "arena_bytes_reserved": arena.bytes_reserved if arena else 0,
         }
 
     def _repr_html_(self) -> str:
@@ -1294,8 +1322,37 @@ class PluginPool(Generic[S]):
         return self._core.workers
 
     def stats(self) -> dict[str, Any]:
-        """Counters: calls, errors, restarts, latency percentiles, transport counters."""
+        """Counters: calls, errors, restarts, latency percentiles, transport counters, and
+        zero-copy traffic (bytes sent by reference and copied, blocks and arena in use)."""
         return self._core.stats()
+
+    # ------------------------------------------------------------------ shared memory
+
+    def empty(self, shape: int | Iterable[int], dtype: Any = float, *, order: str = "C") -> Any:
+        """A numpy array in shared memory: passing it, or any slice or view of it, to a call
+        sends a reference, not its bytes, and a worker's writes to it are seen here when the
+        call returns. Freed when the last view of it dies (it outlives the pool)."""
+        return arena_empty(self._core.arena, shape, dtype, order)
+
+    def zeros(self, shape: int | Iterable[int], dtype: Any = float, *, order: str = "C") -> Any:
+        """Like :meth:`empty`, filled with zeros."""
+        return arena_zeros(self._core.arena, shape, dtype, order)
+
+    def buffer(self, nbytes: int) -> memoryview:
+        """A writable buffer of ``nbytes`` in shared memory (a ``"B"`` memoryview), passed by
+        reference like :meth:`empty`'s arrays; numpy is not needed."""
+        return arena_buffer(self._core.arena, nbytes)
+
+
+_TRANSPORT_COUNTERS = (
+    "frames_sent",
+    "frames_received",
+    "bytes_in_slots",
+    "bytes_in_blocks",
+    "bytes_by_reference",
+    "bytes_copied",
+    "arrays_made_contiguous",
+)
 
 
 class _PoolProxy:

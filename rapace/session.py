@@ -60,7 +60,16 @@ from rapace._remote_errors import rebuild_exception
 from rapace._runtime import Runtime, Waiter, current_runtime
 from rapace.service import MethodSpec, ServiceSpec, bind_arguments, service_spec
 from rapace.streams._abc import Transport
-from rapace.wire import CancelReason, ErrorPayload, Frame, GoAwayReason, HelloLimits, Role
+from rapace.wire import (
+    BufferPlacer,
+    BufferResolver,
+    CancelReason,
+    ErrorPayload,
+    Frame,
+    GoAwayReason,
+    HelloLimits,
+    Role,
+)
 from rapace.wire._codec import TypeCodec, codec_for
 from rapace.wire._session import Session
 from rapace.wire._session_events import (
@@ -224,6 +233,8 @@ class RpcSession:
         limits: HelloLimits | None = None,
     ) -> None:
         self._transport = transport
+        # Shared-memory transports place large and shared buffers themselves (zero-copy).
+        self._buffers: Any = getattr(transport, "buffers", None)
         self._serve = serve
         self._spec: ServiceSpec | None = service_spec(serve) if serve is not None else None
         self._wire = Session(
@@ -284,7 +295,7 @@ class RpcSession:
             raise TypeError(f"{spec.qualified_name} streams its results: iterate it instead")
         values = _bind(spec, args, kwargs)
         stream_source = _pop_stream(spec, values) if codecs.stream_index is not None else None
-        payload = _encode(codecs.args, tuple(values))
+        payload = _encode(codecs.args, tuple(values), self._buffers)
         if self._call_timeout is None:
             # The common case: no scope of our own, only the caller's deadline (if any).
             state = self._open(spec, payload, _deadline_ns())
@@ -296,7 +307,7 @@ class RpcSession:
             except BaseException:
                 self._abandon(state, None)
                 raise
-            return _decode(codecs.result, state.response)
+            return _decode(codecs.result, state.response, self._buffers)
         with anyio.CancelScope(deadline=anyio.current_time() + self._call_timeout) as scope:
             state = self._open(spec, payload, _deadline_ns())
             try:
@@ -308,7 +319,7 @@ class RpcSession:
             raise DeadlineExceeded(
                 f"{spec.qualified_name} did not finish within {self._call_timeout} s"
             )
-        return _decode(codecs.result, state.response)
+        return _decode(codecs.result, state.response, self._buffers)
 
     async def _wait_call(
         self,
@@ -708,7 +719,7 @@ class RpcSession:
             # The call was cancelled: the wire would drop the item, and a producer that never
             # awaits would spin here forever without reaching a cancellation point.
             return False
-        data = _encode(codec, item)
+        data = _encode(codec, item, self._buffers)
         wire = self._wire
         while not wire.can_send(channel_id):
             if self.closed or not _direction_open(wire, channel_id):
@@ -798,7 +809,7 @@ class RpcSession:
         assert self._serve is not None
         codecs = _codecs(spec)
         try:
-            values = list(_decode(codecs.args, event.payload))
+            values = list(_decode(codecs.args, event.payload, self._buffers))
         except DecodeError as exc:
             raise _InvalidArgument(f"{spec.qualified_name}: {exc}") from exc
         if codecs.stream_index is not None:
@@ -819,7 +830,7 @@ class RpcSession:
                 )
             else:
                 result = await method(*positional, **keywords)
-            data = _encode(codecs.result, result)
+            data = _encode(codecs.result, result, self._buffers)
             return partial(wire.send_response, channel_id, data)
         assert codecs.response_item is not None
         produced = method(*positional, **keywords)
@@ -838,7 +849,7 @@ class RpcSession:
                 with contextlib.suppress(LocalProtocolError):
                     self._wire.consumed(channel_id, _nbytes(payload))
                 self._kick()
-                yield _decode(codec, payload)
+                yield _decode(codec, payload, self._buffers)
             if inbox.done:
                 return
             await inbox.wait()
@@ -907,13 +918,13 @@ class RemoteStream(Generic[T]):
             session._wire.consumed(state.channel_id, _nbytes(payload))
         session._kick()
         assert self._codec is not None
-        item: T = _decode(self._codec, payload)
+        item: T = _decode(self._codec, payload, session._buffers)
         return item
 
     def _start(self) -> _CallerState:
         session = self._session
         codecs = _codecs(self._spec)
-        payload = _encode(codecs.args, self._values)
+        payload = _encode(codecs.args, self._values, session._buffers)
         state = self._state = session._open(self._spec, payload, _deadline_ns())
         if self._source is not None:
             assert codecs.request_item is not None
@@ -1018,12 +1029,14 @@ def _nbytes(payload: Any) -> int:
     return len(payload) if type(payload) is bytes else memoryview(payload).nbytes
 
 
-def _encode(codec: TypeCodec[Any], value: Any) -> bytes:
-    return codec.encode(value).data
+def _encode(codec: TypeCodec[Any], value: Any, buffers: BufferPlacer | None) -> bytes:
+    return codec.encode(value, buffers).data
 
 
-def _decode(codec: TypeCodec[Any], payload: Any) -> Any:
-    return codec.decode(payload)
+def _decode(codec: TypeCodec[Any], payload: Any, buffers: BufferResolver | None) -> Any:
+    if buffers is None:
+        return codec.decode(payload)
+    return codec.decode(payload, resolver=buffers)
 
 
 def _bind(spec: MethodSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:

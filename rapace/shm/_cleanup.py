@@ -89,7 +89,7 @@ def creator_start(name: str) -> int:
         return 0
     if raw[:8] == b"RAPACESM":
         return int(_LINK_HEAD.unpack_from(raw)[-1])
-    if raw[:8] == b"RAPACEBK":
+    if raw[:8] in (b"RAPACEBK", b"RAPACEBF", b"RAPACEAR"):
         return int(_BLOCK_HEAD.unpack_from(raw)[-1])
     return 0
 

@@ -43,6 +43,7 @@ __all__ = (
 )
 
 SHM_DIR: Final = Path("/dev/shm")
+_MAP_POPULATE: Final = getattr(mmap, "MAP_POPULATE", 0)
 SHM_PREFIX: Final = "rp_"
 _NAME_TOKEN_BYTES: Final = 5  # 8 base32 characters
 
@@ -86,15 +87,18 @@ class Segment:
 
     __slots__ = ("_fd", "_map", "_name", "buffer", "size")
 
-    def __init__(self, fd: int, size: int, name: str | None) -> None:
+    def __init__(self, fd: int, size: int, name: str | None, populate: bool = False) -> None:
         self._fd = fd
         self._name = name
         self.size = size
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # MAP_POPULATE faults every page in now, in one go, instead of one fault per page at
+        # first touch: for large buffers that is most of the cost of a fresh mapping.
+        flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+        self._map = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = memoryview(self._map)
 
     @classmethod
-    def create(cls, size: int, *, name: str | None = None) -> Segment:
+    def create(cls, size: int, *, name: str | None = None, populate: bool = False) -> Segment:
         """Create, reserve and map a new segment of ``size`` bytes (0600, exclusive).
 
         Raises:
@@ -113,19 +117,19 @@ class Segment:
             break
         try:
             _reserve(fd, size, chosen)
-            return cls(fd, size, chosen)
+            return cls(fd, size, chosen, populate)
         except BaseException:
             os.close(fd)
             _unlink_quietly(chosen)
             raise
 
     @classmethod
-    def open(cls, name: str, *, min_size: int = 1) -> Segment:
+    def open(cls, name: str, *, min_size: int = 1, populate: bool = False) -> Segment:
         """Map an existing segment by name; its size is what the file holds now."""
         fd = _shm_open(name, os.O_RDWR)
         try:
             size = _checked_size(fd, min_size)
-            return cls(fd, size, name)
+            return cls(fd, size, name, populate)
         except BaseException:
             os.close(fd)
             raise
@@ -162,6 +166,32 @@ class Segment:
         self._map.close()
         os.close(self._fd)
         self._fd = -1
+
+    def close_when_unused(self) -> None:
+        """Close the fd, and unmap unless leases still view the memory: then the mapping goes
+        when the last of them dies (rapace never unmaps memory it handed out). Idempotent."""
+        if self._fd < 0:
+            return
+        self.buffer.release()
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        os.close(self._fd)
+        self._fd = -1
+
+    def detach(self) -> mmap.mmap:
+        """Close the fd and hand the mapping over to the caller, who keeps it as long as it is
+        needed (the memory is unmapped when the last reference to it goes)."""
+        if self._fd < 0:
+            raise ValueError("segment already closed")
+        self.buffer.release()
+        os.close(self._fd)
+        self._fd = -1
+        return self._map
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The mapping itself, for leases (:mod:`rapace.shm._lease`)."""
+        return self._map
 
     @property
     def closed(self) -> bool:

@@ -48,12 +48,14 @@ import anyio.lowlevel
 
 from rapace._errors import RemoteProtocolError, Status
 from rapace.shm._blocks import BLOCK_CLASS, BlockOwner, read_block
+from rapace.shm._bufblocks import BUFFER_CLASS, BufferBlocks, PeerBufferBlocks
 from rapace.shm._doorbell import Doorbell, FdWaiter, park_timeouts
 from rapace.shm._layout import MAX_BLOCKS_IN_FLIGHT, ControlWord, LinkLayout
 from rapace.shm._liveness import fd_readable
 from rapace.shm._ring import RingReader, RingWriter
 from rapace.shm._segment import Segment
 from rapace.shm._slots import CLASS_SHIFT, SlotAllocator, SlotReader
+from rapace.shm._zerocopy import DEFAULT_COPY_THRESHOLD, SharedBuffers
 from rapace.streams._abc import DeadlineMode
 from rapace.wire import (
     DESCRIPTOR_SIZE,
@@ -83,6 +85,13 @@ class ShmStatistics:
     parks: int = 0
     spin_hits: int = 0
     space_waits: int = 0
+    bytes_by_reference: int = 0
+    """Bytes of shared (arena) buffers sent as references."""
+    bytes_copied: int = 0
+    """Bytes of large buffers copied once into buffer blocks."""
+    arrays_made_contiguous: int = 0
+    buffers_inlined: int = 0
+    """Large buffers sent in the payload because too many blocks were lent already."""
 
 
 #: How long a receiver spins before it parks. A raw ring round trip is caught within 50 us,
@@ -173,6 +182,7 @@ class ShmTransport:
         close_doorbells: bool = True,
         peer_liveness_fd: int | None = None,
         spin: SpinPolicy | None = None,
+        copy_threshold: int = DEFAULT_COPY_THRESHOLD,
     ) -> None:
         if side not in ("a", "b"):
             raise ValueError(f"side must be 'a' or 'b', not {side!r}")
@@ -233,6 +243,19 @@ class ShmTransport:
         self._may_spin: bool | None = None
         self.peer_pid = 0
         self.stats = ShmStatistics()
+        # Large buffers: copied once into blocks of ours, or leased from the peer's blocks
+        # (whose returns the leases' finalisers queue here, from any thread).
+        self._lease_returns: deque[int] = deque()
+        self._buffer_blocks = BufferBlocks(token, side)
+        peer_blocks = PeerBufferBlocks(token, peer_side, self._lease_returns, self.peer_pid_or_read)
+        self.buffers = SharedBuffers(
+            self._buffer_blocks,
+            peer_blocks,
+            self.stats,
+            threshold=copy_threshold,
+            before_copy=self._collect_returns,
+        )
+        self._peer_buffer_blocks = peer_blocks
         for i in range(_CONTROL_WORDS):
             words[self._own + i] = 0
         words[self._own + ControlWord.PID] = os.getpid()
@@ -340,6 +363,11 @@ class ShmTransport:
         self._waiter.watch(liveness_fd)
 
     @property
+    def buffer_blocks_alive(self) -> int:
+        """This side's buffer blocks: lent to the peer or kept for reuse."""
+        return self._buffer_blocks.alive
+
+    @property
     def peer_dead(self) -> bool:
         return self._peer_dead is not None
 
@@ -398,6 +426,8 @@ class ShmTransport:
             stats.frames_sent += written
             if out.in_flight > stats.ring_high_water:
                 stats.ring_high_water = out.in_flight
+            if self._lease_returns:
+                self._take_lease_returns()
             if self._words[self._peer + ControlWord.PARKED]:
                 self._peer_doorbell.ring()
         return written
@@ -441,7 +471,10 @@ class ShmTransport:
         for k in range(count):
             entry = words[returns.entry_offset(tail + k) // 8]
             reference, generation = entry >> 32, entry & _U32
-            if reference >> CLASS_SHIFT == BLOCK_CLASS:
+            kind = reference >> CLASS_SHIFT
+            if kind == BUFFER_CLASS:
+                self._buffer_blocks.release(reference, generation)
+            elif kind == BLOCK_CLASS:
                 self._blocks.release(reference, generation)
             else:
                 area.release(reference, generation)
@@ -518,10 +551,12 @@ class ShmTransport:
             frames.append(Frame(desc, payload))
         ring.consume(count)
         self.stats.frames_received += count
-        if len(self._blocks):
+        if len(self._blocks) or self._buffer_blocks.in_flight:
             self._collect_returns()  # a block is a whole segment: drop it as soon as possible
         words = self._words
-        if returns:
+        if self._lease_returns:
+            self._take_lease_returns()
+        elif returns:
             self._push_returns()
         if words[self._peer + ControlWord.SPACE_WANTED]:
             self._peer_doorbell.ring()
@@ -535,6 +570,14 @@ class ShmTransport:
         if not self.peer_pid:
             self.peer_pid = self._words[self._peer + ControlWord.PID]
         return self.peer_pid
+
+    def _take_lease_returns(self) -> None:
+        """Queue the returns of the peer's blocks whose last view died, and push them."""
+        leased = self._lease_returns
+        pending = self._unreturned
+        while leased:
+            pending.append(leased.popleft())
+        self._push_returns()
 
     def _push_returns(self) -> None:
         returns = self._returns_out
@@ -579,6 +622,8 @@ class ShmTransport:
                         break
         spun = budget > 0
         words = self._words
+        if self._lease_returns:
+            self._take_lease_returns()
         if self._unreturned:
             # Returns that did not fit: the owner needs them to send again, so it must not
             # wait for our next drain. Push what fits; for the rest, ask to be rung when it
@@ -642,6 +687,8 @@ class ShmTransport:
         self._released = True
         self._waiter.release()
         self._blocks.close()
+        self._buffer_blocks.close()
+        self._peer_buffer_blocks.close()
         self._pending.clear()
         self._words.release()
         self._segment.unlink()

@@ -10,6 +10,9 @@ from rapace.wire._codec import CodecLimits as CodecLimits
 from rapace.wire._codec import Encoded as Encoded
 from rapace.wire._codec import TypeCodec as TypeCodec
 from rapace.wire._codec import codec_for as codec_for
+from rapace.wire._codec_core import BufferPlacer as BufferPlacer
+from rapace.wire._codec_core import BufferResolver as BufferResolver
+from rapace.wire._codec_core import shared_bytes_tag as shared_bytes_tag
 from rapace.wire._control import PROTOCOL_VERSION as PROTOCOL_VERSION
 from rapace.wire._control import CallKind as CallKind
 from rapace.wire._control import CancelChannel as CancelChannel
@@ -66,6 +69,8 @@ __all__ = (
     "INLINE_MAX",
     "PROTOCOL_VERSION",
     "SLOT_INLINE",
+    "BufferPlacer",
+    "BufferResolver",
     "CallKind",
     "CallReceived",
     "CancelChannel",
@@ -111,5 +116,6 @@ __all__ = (
     "encode_control",
     "encode_descriptor",
     "method_id",
+    "shared_bytes_tag",
     "validate_descriptor",
 )

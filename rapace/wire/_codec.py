@@ -103,10 +103,14 @@ from rapace.wire._codec_core import (
     TAG_OOB_BYTES,
     TAG_OOB_NDARRAY,
     TAG_SET,
+    TAG_SHM_BYTES,
+    TAG_SHM_NDARRAY,
     TAG_TIME,
     TAG_TIMEDELTA,
     TAG_UNION,
     TAG_UUID,
+    BufferPlacer,
+    BufferResolver,
     Fail,
     OOBView,
     Variant,
@@ -248,11 +252,14 @@ class _Tags(dict[int, Callable[[Any, bool], Any]]):
     and any other tag raises ``ValueError`` before its content is even decoded.
     """
 
-    __slots__ = ("buffers",)
+    __slots__ = ("buffers", "resolver")
 
-    def __init__(self, buffers: Sequence[memoryview] = ()) -> None:
+    def __init__(
+        self, buffers: Sequence[memoryview] = (), resolver: BufferResolver | None = None
+    ) -> None:
         super().__init__()
         self.buffers = buffers
+        self.resolver = resolver
 
     def __missing__(self, tag: int) -> Callable[[Any, bool], Any]:
         handler = _TAG_HANDLERS.get(tag)
@@ -263,6 +270,10 @@ class _Tags(dict[int, Callable[[Any, bool], Any]]):
             return self._oob_bytes
         if tag == TAG_OOB_NDARRAY:
             return self._oob_ndarray
+        if tag == TAG_SHM_BYTES:
+            return self._shm_bytes
+        if tag == TAG_SHM_NDARRAY:
+            return self._shm_ndarray
         if tag in _NUMPY_TAGS:
             try:
                 handler = cast("Callable[[Any, bool], Any]", numpy_helpers().tag_handler(tag))
@@ -292,6 +303,28 @@ class _Tags(dict[int, Callable[[Any, bool], Any]]):
     def _oob_ndarray(self, value: object, immutable: bool) -> object:
         index, dtype, shape, order = _fields_of(value, 4, "out-of-band array")
         return numpy_helpers().array_from_buffer(self._buffer(index), dtype, shape, order)
+
+    def _resolver(self) -> BufferResolver:
+        if self.resolver is None:
+            raise ValueError("a shared-memory reference arrived over a link without shared memory")
+        return self.resolver
+
+    def _shm_bytes(self, value: object, immutable: bool) -> OOBView:
+        where, offset, nbytes, writable = _fields_of(value, 4, "shared-memory reference")
+        check_ints(offset, nbytes)
+        if type(writable) is not bool:
+            raise ValueError("malformed shared-memory reference")
+        view = self._resolver().resolve(where, offset, nbytes, writable)
+        return OOBView(view, shared=not view.readonly)
+
+    def _shm_ndarray(self, value: object, immutable: bool) -> object:
+        where, offset, dtype, shape, strides, writable = _fields_of(value, 6, "shared-memory array")
+        check_ints(offset)
+        if type(writable) is not bool:
+            raise ValueError("malformed shared-memory array")
+        return numpy_helpers().array_from_shared(
+            self._resolver(), where, offset, dtype, shape, strides, writable
+        )
 
 
 _TAGS: Final = _Tags()
@@ -486,13 +519,19 @@ class TypeCodec(Generic[T]):
     def __repr__(self) -> str:
         return f"TypeCodec({label_of(self.tp)}, root={self._root!r}, oob_threshold={self._thr!r})"
 
-    def encode(self, value: T) -> Encoded:
+    def encode(self, value: T, placer: BufferPlacer | None = None) -> Encoded:
         """Encode a value of the codec's type.
+
+        With a ``placer`` (a transport with shared memory), shared buffers are sent as
+        references and bytes-like values and arrays of at least ``placer.threshold`` bytes are
+        placed by it instead of copied into the payload.
 
         Raises:
             EncodeError: The value does not match the annotation or cannot be encoded; the
                 message names the path of the offending part.
         """
+        if placer is not None:
+            return self._encode_placed(value, placer)
         if self._direct_enc is not None:
             data = self._direct_enc(value, self._limit)
             if data is not None:
@@ -508,12 +547,27 @@ class TypeCodec(Generic[T]):
             return _tuple_new(Encoded, (data, ()))
         return _tuple_new(Encoded, (data, tuple(st.bufs)))
 
+    def _encode_placed(self, value: T, placer: BufferPlacer) -> Encoded:
+        threshold = placer.threshold
+        if self._direct_enc is not None:
+            data = self._direct_enc(value, threshold)
+            if data is not None:
+                return _tuple_new(Encoded, (data, ()))
+        try:
+            data = _dumps(self._enc(value, OOB(threshold, placer)))
+        except Fail as e:
+            raise EncodeError(e.where(self._root)) from e.__cause__
+        except Exception as exc:
+            raise EncodeError(f"{self._root}: {_why(exc)}") from exc
+        return _tuple_new(Encoded, (data, ()))
+
     def decode(
         self,
         data: Buffer,
         buffers: Sequence[Buffer] = (),
         *,
         limits: CodecLimits = DEFAULT_LIMITS,
+        resolver: BufferResolver | None = None,
     ) -> T:
         """Decode a payload received from a peer.
 
@@ -521,6 +575,7 @@ class TypeCodec(Generic[T]):
             data: The CBOR payload, exactly (trailing bytes are an error).
             buffers: The out-of-band buffers sent with it, in order.
             limits: Bounds on what the payload may ask for.
+            resolver: Resolves shared-memory references (a transport with shared memory).
 
         Raises:
             DecodeError: The payload is malformed, breaks a limit, or does not match the
@@ -541,7 +596,7 @@ class TypeCodec(Generic[T]):
                 return cast(T, value)
         root = self._root
         try:
-            return cast(T, self._dec(_read(data, buffers, limits, root)))
+            return cast(T, self._dec(_read(data, buffers, limits, root, resolver)))
         except DecodeError:
             raise
         except Fail as e:
@@ -553,7 +608,13 @@ class TypeCodec(Generic[T]):
 _NO_OOB: Final = 1 << 63
 
 
-def _read(data: Buffer, buffers: Sequence[Buffer], limits: CodecLimits, root: str) -> Any:
+def _read(
+    data: Buffer,
+    buffers: Sequence[Buffer],
+    limits: CodecLimits,
+    root: str,
+    resolver: BufferResolver | None = None,
+) -> Any:
     """Parse a payload with cbor2 under the limits; what it holds is checked by the caller."""
     if type(data) is bytes:
         n = len(data)
@@ -564,7 +625,7 @@ def _read(data: Buffer, buffers: Sequence[Buffer], limits: CodecLimits, root: st
         raise DecodeError(
             f"{root}: payload of {n} bytes exceeds max_payload_bytes ({limits.max_payload_bytes})"
         )
-    tags = _Tags(_buffers(buffers)) if buffers else _TAGS
+    tags = _Tags(_buffers(buffers), resolver) if buffers or resolver is not None else _TAGS
     if n > limits._small:
         if _prescan(data, limits) != n:
             raise DecodeError(f"{root}: trailing bytes after the payload")

@@ -20,7 +20,7 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping, Sequence, Sized
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import cbor2
 
@@ -34,6 +34,8 @@ TAG_TIME: Final = 0x72617004
 TAG_TIMEDELTA: Final = 0x72617005
 TAG_DECIMAL: Final = 0x72617006
 TAG_UNION: Final = 0x72617007
+TAG_SHM_BYTES: Final = 0x72617008
+TAG_SHM_NDARRAY: Final = 0x72617009
 
 TAG_UUID: Final = 37
 TAG_DATE: Final = 100
@@ -58,13 +60,48 @@ class Fail(Exception):
         return f"{root}{''.join(reversed(self.path))}: {self.msg}"
 
 
+class BufferPlacer(Protocol):
+    """Puts buffers in memory the peer can read (a transport with shared memory provides one).
+
+    Each method returns the CBOR tag that references the placed bytes (built with
+    :func:`shared_bytes_tag` or ``shared_array_tag``), or None to leave the value in the
+    payload.
+    """
+
+    @property
+    def threshold(self) -> int:
+        """Buffers at least this large are worth placing even when not already shared."""
+        ...
+
+    def place_bytes(self, view: memoryview) -> object | None:
+        """Place a contiguous one-dimensional ``"B"`` view (or reference it where it lives)."""
+        ...
+
+    def place_array(self, array: Any) -> object | None:
+        """Place a numpy array of a plain-data dtype (or reference it where it lives)."""
+        ...
+
+
+class BufferResolver(Protocol):
+    """Turns a shared-memory reference from the peer into a view, checking its bounds."""
+
+    def resolve(self, where: object, start: int, nbytes: int, writable: bool) -> memoryview:
+        """A ``"B"`` view of ``nbytes`` at ``start`` in region ``where``.
+
+        Writable only when the peer marked it shared-writable and the region is one both
+        sides may write. Raises ValueError for anything out of bounds or unknown.
+        """
+        ...
+
+
 class OOB:
     """Encode-side state of one call with out-of-band buffers enabled."""
 
-    __slots__ = ("bufs", "thr")
+    __slots__ = ("bufs", "placer", "thr")
 
-    def __init__(self, thr: int) -> None:
+    def __init__(self, thr: int, placer: BufferPlacer | None = None) -> None:
         self.thr = thr
+        self.placer = placer
         self.bufs: list[memoryview] = []
 
     def add(self, view: memoryview) -> int:
@@ -72,13 +109,23 @@ class OOB:
         return len(self.bufs) - 1
 
 
+def shared_bytes_tag(where: object, offset: int, nbytes: int, writable: bool) -> object:
+    """The reference to ``nbytes`` at ``offset`` of shared region ``where``."""
+    return _CBORTag(TAG_SHM_BYTES, (where, offset, nbytes, writable))
+
+
 class OOBView:
-    """A resolved out-of-band bytes reference, waiting for the annotation to pick its type."""
+    """A resolved out-of-band bytes reference, waiting for the annotation to pick its type.
 
-    __slots__ = ("view",)
+    ``shared`` views are memory both sides write (a pool's arena): they stay views even where
+    a copy would otherwise be made, so writes through them reach the other side.
+    """
 
-    def __init__(self, view: memoryview) -> None:
+    __slots__ = ("shared", "view")
+
+    def __init__(self, view: memoryview, shared: bool = False) -> None:
         self.view = view
+        self.shared = shared
 
 
 class Variant:
@@ -220,17 +267,35 @@ def _enc_bytes(v: Any, st: OOB | None) -> object:
     if t is bytes or t is bytearray:
         if st is None or len(v) < st.thr:
             return v
+        if st.placer is not None:
+            placed = st.placer.place_bytes(memoryview(v))
+            if placed is not None:
+                return placed
+            return v
         return _CBORTag(TAG_OOB_BYTES, (st.add(memoryview(v)), len(v)))
-    if t is memoryview or isinstance(v, (bytes, bytearray, memoryview)):
-        mv = memoryview(v)
-        if st is None or mv.nbytes < st.thr:
-            return mv.tobytes()
-        if not mv.c_contiguous:
-            mv = memoryview(mv.tobytes())
-        elif mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
-        return _CBORTag(TAG_OOB_BYTES, (st.add(mv), mv.nbytes))
-    raise fail_type("bytes-like", v)
+    if t is str:
+        raise fail_type("bytes-like", v)
+    try:
+        mv = memoryview(v)  # memoryview, mmap, array.array, ndarray: any buffer
+    except TypeError:
+        raise fail_type("bytes-like", v) from None
+    if st is None:
+        return mv.tobytes()
+    if mv.c_contiguous and (mv.format != "B" or mv.ndim != 1):
+        mv = mv.cast("B")
+    if st.placer is not None and mv.c_contiguous:
+        # Shared memory is referenced whatever its size; other buffers only when large.
+        placed = st.placer.place_bytes(mv)
+        if placed is not None:
+            return placed
+    if mv.nbytes < st.thr:
+        return mv.tobytes()
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    if st.placer is not None:
+        placed = st.placer.place_bytes(mv)
+        return mv.tobytes() if placed is None else placed
+    return _CBORTag(TAG_OOB_BYTES, (st.add(mv), mv.nbytes))
 
 
 def _scalar_dec(t: type, label: str) -> _Dec:
@@ -563,7 +628,7 @@ def _dec_any(o: Any) -> Any:
     if t is frozenset:
         return frozenset(_dec_items(_dec_any, o, "{*}"))
     if t is OOBView:
-        return bytes(o.view)
+        return o.view if o.shared else bytes(o.view)
     raise Fail(f"unexpected {tname(o)} in the payload")
 
 

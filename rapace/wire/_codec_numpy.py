@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import cbor2
 import numpy as np
@@ -24,6 +24,8 @@ from rapace.wire._codec_core import (
     OOB,
     TAG_NDARRAY,
     TAG_OOB_NDARRAY,
+    TAG_SHM_NDARRAY,
+    BufferResolver,
     Fail,
     Node,
     check_ints,
@@ -163,7 +165,12 @@ def encode_array(arr: np.ndarray[Any, Any], st: OOB | None) -> object:
     if type(arr) is not np.ndarray:
         arr = arr.view(np.ndarray)
     shape = arr.shape
-    if st is not None and arr.nbytes >= st.thr:
+    if st is not None and st.placer is not None:
+        # Shared memory is referenced whatever its size; other arrays only when large.
+        placed = st.placer.place_array(arr)
+        if placed is not None:
+            return placed
+    elif st is not None and arr.nbytes >= st.thr:
         if arr.flags.c_contiguous:
             flat, order = arr.reshape(-1), "C"
         elif arr.flags.f_contiguous:
@@ -213,6 +220,29 @@ def encode_any(v: Any, st: OOB | None) -> object:
     raise Fail(f"cannot encode a value of type {tname(v)}")
 
 
+def shared_array_tag(
+    where: object, offset: int, arr: np.ndarray[Any, Any], writable: bool
+) -> object:
+    """The reference to ``arr``, whose element 0 is at ``offset`` of shared region ``where``."""
+    return _CBORTag(
+        TAG_SHM_NDARRAY,
+        (where, offset, dtype_to_wire(arr.dtype), arr.shape, arr.strides, writable),
+    )
+
+
+def byte_extent(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """The bytes an array touches, relative to its element 0: ``(low, high)``, high exclusive."""
+    low = high = 0
+    for n, stride in zip(shape, strides, strict=True):
+        if n == 0:
+            return 0, 0
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return low, high + itemsize
+
+
 # -- decoding -----------------------------------------------------------------------------------
 
 
@@ -236,6 +266,37 @@ def array_from_buffer(view: memoryview, dtype: object, shape: object, order: obj
     if order == "C" or order == "F":
         return _from_buffer(view, dtype_from_wire(dtype), _shape(shape), order)
     raise ValueError("malformed array order")
+
+
+def array_from_shared(
+    resolver: BufferResolver,
+    where: object,
+    offset: object,
+    dtype: object,
+    shape: object,
+    strides: object,
+    writable: bool,
+) -> object:
+    """Rebuild an array referenced in shared memory as a view of it (no copy).
+
+    The resolver checks that every byte the shape and strides can reach lies in the region.
+    """
+    dt = dtype_from_wire(dtype)
+    if dt.itemsize == 0 or dt.subdtype is not None:
+        raise ValueError("malformed shared-memory array dtype")
+    dims = _shape(shape)
+    if type(strides) is not list and type(strides) is not tuple:
+        raise ValueError("malformed array strides")
+    check_ints(offset, *strides)
+    steps = tuple(cast(int, s) for s in strides)
+    if len(steps) != len(dims):
+        raise ValueError("array strides do not match its shape")
+    low, high = byte_extent(dims, steps, dt.itemsize)
+    start = cast(int, offset) + low
+    view = resolver.resolve(where, start, high - low, writable)
+    if high == low:
+        return np.empty(dims, dt)
+    return np.ndarray(dims, dt, buffer=view, offset=-low, strides=steps)
 
 
 def _typed(dtype: np.dtype[Any]) -> Callable[[Any, bool], Any]:
