@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 # Each command module imports only the standard library at load time: `rapace --help` stays
 # fast, and a command imports what it needs (anyio, the user's module) when it runs.
-from rapace import _cli, _cli_doctor, _cli_inspect, _cli_serve
+from rapace import _cli, _cli_bench, _cli_doctor, _cli_inspect, _cli_serve
 
 __all__ = ("main",)
 
@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _cli_inspect.register(commands)
     _cli_serve.register(commands)
     _cli_doctor.register(commands)
+    _cli_bench.register(commands)
     cleanup = commands.add_parser(
         "cleanup",
         help="remove shared-memory segments left by dead rapace processes",
