@@ -8,7 +8,7 @@ import numpy
 
 import rapace
 
-__all__ = ("BenchArrays", "array_sum")
+__all__ = ("BenchArrays", "array_echo", "array_sum")
 
 
 @rapace.service
@@ -20,11 +20,20 @@ class BenchArrays:
         """The array's length: touches none of its bytes (the zero-copy probe)."""
         return len(arr)
 
+    async def echo(self, arr: numpy.ndarray) -> numpy.ndarray:
+        """The array back: a 64 MiB argument and a 64 MiB result."""
+        return arr
+
     async def nbytes(self, data: memoryview) -> int:
         return len(data)
 
     async def pid(self) -> int:
         return os.getpid()
+
+
+def array_echo(arr: numpy.ndarray) -> numpy.ndarray:
+    """The executor baseline's echo: pickled both ways."""
+    return arr
 
 
 def array_sum(arr: numpy.ndarray) -> float:

@@ -48,6 +48,7 @@ ROWS = (
     RowSpec("bulk.memoryview", "bulk", "64 MiB memoryview -> len", "ms", "lower"),
     RowSpec("bulk.ndarray", "bulk", "64 MiB ndarray -> sum", "ms", "lower"),
     RowSpec("bulk.bytes", "bulk", "64 MiB bytes -> len", "ms", "lower"),
+    RowSpec("bulk.echo", "bulk", "64 MiB ndarray -> ndarray", "ms", "lower"),
     RowSpec("arena.big", "arena", "arena array -> len (big)", "ms", "lower"),
     RowSpec("arena.small", "arena", "arena array 1 KiB -> len", "us", "lower"),
     RowSpec("stream", "stream", "server stream of small ints", "items/s", "higher"),

@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ("serve_pipe", "serve_zmq")
 
 #: Pipe messages: a pickled tuple whose first item is one of these.
-ADD, LEN, SUM, RAW_NEXT, COUNT = "add", "len", "sum", "raw", "count"
+ADD, LEN, SUM, ECHO, RAW_NEXT, COUNT = "add", "len", "sum", "echo", "raw", "count"
 
 
 def serve_pipe(conn: Connection) -> None:
@@ -35,6 +35,8 @@ def serve_pipe(conn: Connection) -> None:
             conn.send(len(message[1]))
         elif op == SUM:
             conn.send(float(message[1].sum()))
+        elif op == ECHO:
+            conn.send(message[1])
         elif op == RAW_NEXT:  # the next message is a raw buffer (send_bytes), not a pickle
             conn.send(len(conn.recv_bytes()))
         elif op == COUNT:

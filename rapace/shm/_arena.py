@@ -30,7 +30,7 @@ from typing import Final
 
 from rapace.shm._cleanup import process_start_time
 from rapace.shm._lease import Lease, Region, make_lease, view_of
-from rapace.shm._segment import Segment, owner_of
+from rapace.shm._segment import Segment, owner_of, shm_unlink
 
 __all__ = ("DEFAULT_BLOCK", "Arena", "ArenaMap", "ArenaStatistics")
 
@@ -58,13 +58,12 @@ class ArenaStatistics:
 
 
 class _Block:
-    __slots__ = ("free", "live", "mapping", "name", "segment", "size")
+    __slots__ = ("free", "live", "mapping", "name", "size")
 
-    def __init__(self, segment: Segment, size: int) -> None:
-        self.segment = segment
-        self.name = segment.name or ""
+    def __init__(self, name: str, mapping: mmap.mmap, size: int) -> None:
+        self.name = name
         self.size = size  # data bytes
-        self.mapping: mmap.mmap = segment.mapping
+        self.mapping = mapping  # the fd is closed: workers open the block by name
         self.free: list[tuple[int, int]] = [(0, size)]  # (offset, size), sorted by offset
         self.live: dict[int, tuple[int, weakref.ref[Lease]]] = {}
 
@@ -123,7 +122,7 @@ class Arena:
         size = _round_up(max(nbytes, 1), _ALIGN)
         with self._lock:
             if self._closed:
-                raise RuntimeError("the pool's arena is closed")
+                raise RuntimeError("the pool is closed: its shared memory takes no new arrays")
             for block in self._blocks.values():
                 offset = block.allocate(size)
                 if offset is not None:
@@ -151,7 +150,7 @@ class Arena:
         data = self._block_size if size <= self._block_size else _round_up(size, _BIG_ROUND)
         segment = Segment.create(_DATA_AT + data)
         _HEADER.pack_into(segment.buffer, 0, _MAGIC, data, 0, self._start_time)
-        block = _Block(segment, data)
+        block = _Block(segment.name or "", segment.detach(), data)
         self._blocks[block.name] = block
         return block
 
@@ -170,10 +169,8 @@ class Arena:
 
     def _destroy(self, block: _Block) -> None:
         del self._blocks[block.name]
-        with contextlib.suppress(ValueError, IndexError):
-            struct.pack_into("<I", block.mapping, _STATE_AT, _DEAD)
-        block.segment.unlink()
-        block.segment.close_when_unused()
+        struct.pack_into("<I", block.mapping, _STATE_AT, _DEAD)
+        _remove(block)
 
     # -- references back from a worker ------------------------------------------------------
 
@@ -212,8 +209,14 @@ class Arena:
             blocks = list(self._blocks.values())
             self._blocks.clear()
         for block in blocks:
-            block.segment.unlink()
-            block.segment.close_when_unused()
+            _remove(block)
+
+
+def _remove(block: _Block) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shm_unlink(block.name)
+    with contextlib.suppress(BufferError):  # views are alive: unmapped when they die
+        block.mapping.close()
 
 
 class ArenaMap:

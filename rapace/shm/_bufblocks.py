@@ -11,6 +11,10 @@ Nothing pins the sender: a receiver may keep thousands of views; the owner just 
 blocks. Returned blocks are kept (mapped, pages already faulted in, on both sides) for the
 next large buffer, up to :data:`CACHE_BYTES` per side; others are removed. A removed block's
 header is marked dead first, so the receiver drops its mapping the next time it looks.
+
+Every mapping costs a file descriptor (Python's mmap keeps a duplicate of the fd until 3.13's
+``trackfd``), which is why lent, kept and mapped blocks are all counted and bounded: at most
+about 50 per side of a link.
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ __all__ = ("BUFFER_CLASS", "DATA_AT", "BufferBlocks", "OwnBlock", "PeerBufferBlo
 BUFFER_CLASS: Final = 0x7E
 #: Returned blocks each side keeps for reuse: at most this many bytes and blocks.
 CACHE_BYTES: Final = 128 << 20
-CACHE_ENTRIES: Final = 16
+CACHE_ENTRIES: Final = 8
 #: Blocks lent to the peer at once, at most (one larger than the byte limit is allowed when
 #: it is the only one). Past this a large buffer goes in the payload instead: a receiver
 #: that keeps thousands of views, or a stream the consumer is slow to read (flow control
 #: counts payload bytes, not the blocks they reference), costs bounded shared memory.
-MAX_IN_FLIGHT: Final = 32
+MAX_IN_FLIGHT: Final = 16
 MAX_IN_FLIGHT_BYTES: Final = 256 << 20
 #: Mappings of the peer's blocks a receiver keeps while no view needs them.
-PEER_CACHE_ENTRIES: Final = 16
+PEER_CACHE_ENTRIES: Final = 8
 MIN_CAPACITY: Final = 64 << 10
 
 _MAGIC: Final = b"RAPACEBF"

@@ -32,6 +32,14 @@ many bytes are not copied into the CBOR. They are appended to :attr:`Encoded.buf
 payload carries a reference (index and layout) that :meth:`TypeCodec.decode` resolves against
 the buffers the transport hands back, without copying when the annotation allows it.
 
+Shared memory: with a ``placer`` (:class:`~rapace.wire.BufferPlacer`, provided by the shared-
+memory transport), buffers already in shared memory are sent as references to where they are,
+whatever their size, and other large ones are placed by the transport; the payload carries
+``where`` (a region the transport names: an arena block, a link block), the offset of the
+first byte (of element 0 for an array, whose strides may be negative), and whether the
+receiver may write. The receiver's :class:`~rapace.wire.BufferResolver` checks every byte the
+reference can reach against the region before making a view.
+
 Tags this codec writes or accepts (cbor2 decodes the standard ones itself; every other tag a
 peer sends is rejected, including shared references 28/29, string references 25/256, regular
 expressions 35 and MIME 36):
@@ -53,6 +61,9 @@ tag         meaning                                 content
 0x72617005  timedelta                               ``[days, seconds, us]``
 0x72617006  Decimal                                 text, ``str(d)`` (exact)
 0x72617007  union member                            ``[member index, value]``
+0x72617008  bytes in shared memory                  ``[where, offset, nbytes, writable]``
+0x72617009  ndarray in shared memory                ``[where, offset, dtype, shape,
+                                                    strides, writable]``
 ==========  ======================================  =====================================
 
 ``off`` is the UTC offset in microseconds or null for naive values. Tag 40 is used for the
