@@ -83,6 +83,7 @@ from rapace.wire._session_events import (
     GoAwayReceived,
     HandshakeComplete,
     ItemReceived,
+    PayloadDropped,
     PongReceived,
     ResponseReceived,
 )
@@ -578,6 +579,8 @@ class RpcSession:
                     state.response = payload
                     state.inbox.done = True
                     state.inbox.wake()
+                else:
+                    self._discard(payload)
             case ItemReceived(channel_id, payload):
                 caller = self._calls.get(channel_id)
                 inbox = caller.inbox if caller is not None else None
@@ -587,6 +590,10 @@ class RpcSession:
                 if inbox is not None:
                     inbox.items.append(payload)
                     inbox.wake()
+                else:
+                    self._discard(payload)
+            case PayloadDropped(_, payload):
+                self._discard(payload)
             case EndOfStream(channel_id):
                 caller = self._calls.pop(channel_id, None)
                 if caller is not None:
@@ -634,6 +641,12 @@ class RpcSession:
             case GoAwayReceived():
                 pass  # the wire refuses new calls itself; calls in flight continue
 
+    def _discard(self, payload: Any) -> None:
+        """A payload nobody will decode: give back the shared memory it references."""
+        if self._buffers is not None and _references_shared_memory(payload):
+            with contextlib.suppress(DecodeError):
+                _DISCARD.decode(payload, resolver=self._buffers)
+
     # ------------------------------------------------------------- caller side
 
     def _open(self, spec: MethodSpec, payload: bytes, deadline_ns: int | None) -> _CallerState:
@@ -661,6 +674,9 @@ class RpcSession:
 
     def _abandon(self, state: _CallerState, timeout_scope: anyio.CancelScope | None) -> None:
         """The caller stopped waiting: cancel the call on the peer if it is still open."""
+        if state.response is not None:
+            self._discard(state.response)  # arrived as the caller gave up: never decoded
+            state.response = None
         if self._calls.pop(state.channel_id, None) is None or self.closed:
             return
         deadline_passed = (timeout_scope is not None and timeout_scope.cancel_called) or (
@@ -948,6 +964,9 @@ class RemoteStream(Generic[T]):
         if state is None:
             return
         session = self._session
+        items = state.inbox.items
+        while items:  # received but never read: their shared memory goes back now
+            session._discard(items.popleft())
         if session._calls.pop(state.channel_id, None) is not None and not session.closed:
             with contextlib.suppress(RapaceError):
                 session._wire.cancel(state.channel_id, CancelReason.CLIENT_CANCEL)
@@ -1027,6 +1046,17 @@ async def _raise_call_error(error: BaseException) -> NoReturn:
 
 def _nbytes(payload: Any) -> int:
     return len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+
+
+_DISCARD: Final = codec_for(Any, root="dropped payload")
+# The CBOR heads of the shared-memory tags (0x72617008, 0x72617009): a payload without them
+# references no block, and most payloads are scanned, not decoded.
+_SHARED_TAG_HEADS: Final = (b"\xda\x72\x61\x70\x08", b"\xda\x72\x61\x70\x09")
+
+
+def _references_shared_memory(payload: Any) -> bool:
+    data = payload if type(payload) is bytes else bytes(payload)
+    return any(head in data for head in _SHARED_TAG_HEADS)
 
 
 def _encode(codec: TypeCodec[Any], value: Any, buffers: BufferPlacer | None) -> bytes:

@@ -58,6 +58,7 @@ from rapace.wire._session_events import Event as Event
 from rapace.wire._session_events import GoAwayReceived as GoAwayReceived
 from rapace.wire._session_events import HandshakeComplete as HandshakeComplete
 from rapace.wire._session_events import ItemReceived as ItemReceived
+from rapace.wire._session_events import PayloadDropped as PayloadDropped
 from rapace.wire._session_events import PongReceived as PongReceived
 from rapace.wire._session_events import ResponseReceived as ResponseReceived
 from rapace.wire._session_events import SessionStatistics as SessionStatistics
@@ -101,6 +102,7 @@ __all__ = (
     "ItemReceived",
     "MethodEntry",
     "OpenChannel",
+    "PayloadDropped",
     "Ping",
     "Pong",
     "PongReceived",

@@ -104,6 +104,7 @@ from rapace.wire._session_events import (
     GoAwayReceived,
     HandshakeComplete,
     ItemReceived,
+    PayloadDropped,
     PongReceived,
     ResponseReceived,
     SessionStatistics,
@@ -460,7 +461,7 @@ class Session:
         if ch.recv != _OPEN:  # we cancelled: only the terminal frame matters, to free the id
             if flags & EOS:
                 self._end_call(ch)
-            return []
+            return [PayloadDropped(cid, payload)] if desc.payload_len else []
         if not flags & RESPONSE:
             raise _remote(f"handler frame on channel {cid} without RESPONSE")
         if flags & EOS:
@@ -541,7 +542,7 @@ class Session:
             if flags & EOS:
                 ch.recv = _CLOSED
                 self._free(ch)  # draining implies our side already ended
-            return []
+            return [PayloadDropped(cid, payload)] if desc.payload_len else []
         raise _remote(f"frame on channel {cid} after the caller ended its stream")
 
     def _charge(self, ch: _Channel, nbytes: int) -> None:

@@ -138,6 +138,16 @@ class GoAwayReceived:
     go_away: GoAway
 
 
+@dataclass(frozen=True, slots=True)
+class PayloadDropped:
+    """A payload arrived for a call that no longer wants it (cancelled, or draining) and was
+    dropped. Only a transport whose payloads reference other memory (shared-memory blocks)
+    needs to look at it, to give that memory back."""
+
+    channel_id: int
+    payload: Buffer
+
+
 Event: TypeAlias = (
     HandshakeComplete
     | CallReceived
@@ -150,6 +160,7 @@ Event: TypeAlias = (
     | DeadlineExpired
     | PongReceived
     | GoAwayReceived
+    | PayloadDropped
 )
 
 

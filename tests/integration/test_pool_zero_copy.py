@@ -79,7 +79,9 @@ def test_any_view_of_arena_memory_is_shared(pool: PluginPool[Imaging], view: obj
 
 def test_a_pool_buffer_is_shared_without_numpy_types(pool: PluginPool[Imaging]) -> None:
     buf = pool.buffer(1000)
-    assert isinstance(buf, memoryview) and not buf.readonly and buf.nbytes == 1000
+    assert isinstance(buf, memoryview)
+    assert not buf.readonly
+    assert buf.nbytes == 1000
     assert pool.submit(Imaging.fill_view, buf[100:200], 5).result() == 100
     assert bytes(buf[95:105]) == b"\0" * 5 + b"\5" * 5
     assert pool.submit(Imaging.nbytes, buf).result() == 1000
@@ -116,7 +118,8 @@ def test_bytes_annotations_get_bytes(pool: PluginPool[Imaging]) -> None:
     payload = os.urandom(LARGE)
     assert pool.submit(Imaging.is_bytes, payload).result()
     echoed = pool.submit(Imaging.echo_bytes, payload).result()
-    assert type(echoed) is bytes and echoed == payload
+    assert type(echoed) is bytes
+    assert echoed == payload
 
 
 def test_object_arrays_fail_clearly(pool: PluginPool[Imaging]) -> None:
@@ -145,7 +148,8 @@ def test_results_stay_readable_after_the_pool_closes() -> None:
     assert int(result.sum()) == LARGE
     arena[:] = 3
     buf[:] = b"0123456789"
-    assert int(arena.sum()) == 300 and bytes(buf) == b"0123456789"
+    assert int(arena.sum()) == 300
+    assert bytes(buf) == b"0123456789"
     with pytest.raises(RuntimeError, match="closed"):
         pool.empty(3)
     del result, arena, buf

@@ -65,6 +65,7 @@ from rapace.wire._session_events import (
     GoAwayReceived,
     HandshakeComplete,
     ItemReceived,
+    PayloadDropped,
     PongReceived,
     ResponseReceived,
 )
@@ -188,6 +189,7 @@ ALL_EVENTS = (
     DeadlineExpired,
     PongReceived,
     GoAwayReceived,
+    PayloadDropped,
 )
 
 
@@ -651,7 +653,7 @@ class World:
         return cid % 2 == (1 if side == 0 else 0)
 
     def on_event(self, side: int, event: Event) -> None:
-        if isinstance(event, HandshakeComplete | CreditAvailable):
+        if isinstance(event, HandshakeComplete | CreditAvailable | PayloadDropped):
             return
         cid = event.channel_id  # type: ignore[union-attr]
         if self.is_caller_of(side, cid):

@@ -60,6 +60,7 @@ from rapace.wire._session_events import (
     GoAwayReceived,
     HandshakeComplete,
     ItemReceived,
+    PayloadDropped,
     PongReceived,
     ResponseReceived,
 )
@@ -947,7 +948,7 @@ def test_peer_opening_beyond_max_channels_is_refused_then_rejected() -> None:
     assert control_messages(session.frames_to_send()) == [
         CancelChannel(5, CancelReason.RESOURCE_EXHAUSTED)
     ]
-    assert raw.frame(5, DATA | EOS, b"dropped", method=ADD) == []
+    assert raw.frame(5, DATA | EOS, b"dropped", method=ADD) == [PayloadDropped(5, b"dropped")]
     assert session.statistics().open_channels == 2
     raw.open(7)
     raw.open(9)
@@ -974,7 +975,8 @@ def test_caller_cancel_reaches_handler_and_terminal_frame_frees_the_id() -> None
     assert pair.b.frames_to_send() == []
     assert pair.a.statistics().open_channels == 1  # kept until the handler's terminal frame
     pair.b.send_error(cid, b"cancelled")
-    assert pair.send(pair.b) == []  # a late reply after cancel is dropped
+    # A late reply after cancel is dropped (reported, in case it references memory).
+    assert pair.send(pair.b) == [PayloadDropped(cid, b"cancelled")]
     assert pair.a.statistics().open_channels == 0
     assert pair.b.statistics().open_channels == 0
 
@@ -985,7 +987,7 @@ def test_late_reply_crossing_the_cancel_is_dropped() -> None:
     pair.send(pair.a)
     pair.b.send_response(cid, b"result")  # in flight while the caller cancels
     pair.a.cancel(cid)
-    assert pair.send(pair.b) == []
+    assert pair.send(pair.b) == [PayloadDropped(cid, b"result")]
     assert pair.a.statistics().open_channels == 0
     assert pair.send(pair.a) == []  # the handler already finished: cancel is a no-op there
     assert pair.b.statistics().open_channels == 0
@@ -998,7 +1000,7 @@ def test_items_after_cancel_are_ignored_by_the_caller() -> None:
     pair.b.send_item(cid, b"1")
     pair.b.send_item(cid, b"2")
     pair.a.cancel(cid)
-    assert pair.send(pair.b) == []
+    assert pair.send(pair.b) == [PayloadDropped(cid, b"1"), PayloadDropped(cid, b"2")]
     pair.send(pair.a)
     pair.b.send_eos(cid)
     assert pair.send(pair.b) == []
@@ -1047,7 +1049,8 @@ def test_handler_refuses_a_client_stream() -> None:
     assert pair.a.statistics().open_channels == 0
     with pytest.raises(LocalProtocolError):
         pair.a.send_item(cid, b"3")
-    assert pair.send(pair.a) == []  # item 2 and the automatic EOS, both drained
+    # item 2 and the automatic EOS, both drained
+    assert pair.send(pair.a) == [PayloadDropped(cid, b"2")]
     assert pair.b.statistics().open_channels == 0
     assert pair.log[pair.a][-1].descriptor.flags == EOS
 
@@ -1098,8 +1101,8 @@ def test_go_away_refusal_drains_a_client_stream() -> None:
     assert control_messages(session.frames_to_send()) == [
         CancelChannel(1, CancelReason.RESOURCE_EXHAUSTED)
     ]
-    assert raw.frame(1, DATA, b"req", method=ADD) == []
-    assert raw.frame(1, DATA, b"item") == []
+    assert raw.frame(1, DATA, b"req", method=ADD) == [PayloadDropped(1, b"req")]
+    assert raw.frame(1, DATA, b"item") == [PayloadDropped(1, b"item")]
     assert session.statistics().open_channels == 1
     assert raw.frame(1, EOS) == []
     assert session.statistics().open_channels == 0

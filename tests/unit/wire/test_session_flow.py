@@ -29,6 +29,7 @@ from rapace.wire._session_events import (
     ErrorReceived,
     Event,
     ItemReceived,
+    PayloadDropped,
     ResponseReceived,
 )
 
@@ -168,7 +169,8 @@ def test_handler_error_ends_a_bidi_call_and_closes_the_caller_stream() -> None:
     assert pair.send(pair.b) == [ErrorReceived(cid, b"failed")]
     assert pair.a.statistics().open_channels == 0
     assert pair.b.statistics().open_channels == 1  # draining the caller's stream
-    assert pair.send(pair.a) == []  # the item and the automatic EOS are dropped
+    # the item and the automatic EOS are dropped
+    assert pair.send(pair.a) == [PayloadDropped(cid, b"in flight")]
     assert [f.descriptor.flags for f in pair.frames] == [DATA, EOS]
     assert pair.closed()
 
