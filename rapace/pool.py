@@ -1153,8 +1153,10 @@ class _PoolCore(Generic[S]):
             "bytes_in_blocks": transport["bytes_in_blocks"],
             "ring_high_water": high_water,
             "bytes_by_reference": transport["bytes_by_reference"],
-            "bytes_copied": transport["bytes_copied"],
+            # Both ways: what this side copied into blocks and what workers copied for it.
+            "bytes_copied": transport["bytes_copied"] + transport["bytes_received_in_blocks"],
             "arrays_made_contiguous": transport["arrays_made_contiguous"],
+            "buffers_inlined": transport["buffers_inlined"],
             "blocks_alive": transport["blocks_alive"],
             "arena_bytes_in_use": arena.bytes_in_use if arena else 0,
             "arena_bytes_reserved": arena.bytes_reserved if arena else 0,
@@ -1352,6 +1354,8 @@ _TRANSPORT_COUNTERS = (
     "bytes_by_reference",
     "bytes_copied",
     "arrays_made_contiguous",
+    "buffers_inlined",
+    "bytes_received_in_blocks",
 )
 
 

@@ -88,7 +88,9 @@ class ShmStatistics:
     bytes_by_reference: int = 0
     """Bytes of shared (arena) buffers sent as references."""
     bytes_copied: int = 0
-    """Bytes of large buffers copied once into buffer blocks."""
+    """Bytes of large buffers this side copied once into its buffer blocks."""
+    bytes_received_in_blocks: int = 0
+    """Bytes of large buffers the peer copied into its blocks for this side."""
     arrays_made_contiguous: int = 0
     buffers_inlined: int = 0
     """Large buffers sent in the payload because too many blocks were lent already."""

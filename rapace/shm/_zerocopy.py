@@ -141,4 +141,6 @@ class SharedBuffers:
             if self.arena is None:
                 raise ValueError("an arena reference arrived on a link without an arena")
             return self.arena.resolve(where, start, nbytes, writable)
-        return self._peer_blocks.resolve(where, start, nbytes)
+        view = self._peer_blocks.resolve(where, start, nbytes)
+        self._stats.bytes_received_in_blocks += nbytes
+        return view
