@@ -206,7 +206,7 @@ class Stream(Generic[T]):
         wake()
 
     def __iter__(self) -> Iterator[T]:
-        return self
+        return _Loop(self)
 
     def __next__(self) -> T:
         if self._pool_loop.in_loop_thread():
@@ -226,7 +226,7 @@ class Stream(Generic[T]):
             event.wait()
 
     def __aiter__(self) -> AsyncIterator[T]:
-        return self
+        return _Loop(self)
 
     async def __anext__(self) -> T:
         while True:
@@ -277,3 +277,33 @@ class Stream(Generic[T]):
 
 class _Exhausted(Exception):
     pass
+
+
+class _Loop(Generic[T]):
+    """What a ``for`` or ``async for`` over a :class:`Stream` iterates.
+
+    The loop holds the only reference, so a ``break`` (or an exception) out of it drops this
+    object at once, and that closes the stream: the producer is cancelled even though the
+    stream itself may still be referenced (by the pool, or a variable). Closing a stream that
+    has ended is a no-op.
+    """
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: Stream[T]) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        return self._stream.__next__()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        return await self._stream.__anext__()
+
+    def __del__(self) -> None:
+        self._stream.close()

@@ -55,7 +55,7 @@ def current_trio_token() -> Any | None:
         return None
     try:
         return trio.lowlevel.current_trio_token()
-    except RuntimeError:
+    except (RuntimeError, AttributeError):  # no trio run here; or trio still half-imported
         return None
 
 

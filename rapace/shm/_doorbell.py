@@ -216,7 +216,7 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         trio = sys.modules["trio"]
         try:
             trio.lowlevel.current_trio_token()
-        except RuntimeError:
+        except (RuntimeError, AttributeError):  # no trio run; or another thread importing it
             pass
         else:
             return None

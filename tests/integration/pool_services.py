@@ -37,6 +37,17 @@ class Calculator:
     async def total(self, xs: Streaming[int]) -> int:
         return sum([x async for x in xs])
 
+    async def forever(self) -> Streaming[int]:
+        """An endless stream that records its cancellation."""
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+        finally:
+            self.cancelled += 1
+            self._cancelled().set()
+
     async def scale(self, xs: Streaming[float], k: float) -> Streaming[float]:
         async for x in xs:
             yield x * k

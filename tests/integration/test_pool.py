@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -93,6 +94,34 @@ def test_an_error_keeps_its_type_and_the_pool_keeps_working(pool: PluginPool[Cal
     with pytest.raises(ValueError, match="bad input"):
         pool.submit(Calculator.fail, "bad input").result(timeout=10)
     assert pool.submit(Calculator.add, 1, 1).result(timeout=10) == 102
+
+
+def test_breaking_out_of_a_stream_loop_cancels_the_producer() -> None:
+    """API.md: leaving the loop cancels the producer, even with no ``with`` around it."""
+    with PluginPool(Calculator, workers=1) as pool:
+        for first in pool.proxy.forever():
+            assert first == 0
+            break
+        assert pool.submit(Calculator.wait_cancelled).result(timeout=10) == 1
+
+        async def leave_early() -> None:
+            stream = pool.proxy.forever()  # still referenced after the loop
+            async for _ in stream:
+                break
+            assert await pool.proxy.wait_cancelled() == 2
+
+        anyio.run(leave_early)
+    # and the pool shut down: no call was left in flight
+
+
+def test_a_half_imported_trio_does_not_break_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread importing trio leaves a module without ``lowlevel`` in sys.modules for
+    a moment; the pool's checks for a trio run must not trip over it."""
+    with PluginPool(Calculator, workers=1) as pool:
+        monkeypatch.setitem(sys.modules, "trio", types.ModuleType("trio"))
+        assert pool.submit(Calculator.add, 1, 2).result() == 3
+        assert list(pool.proxy.range(3)) == [0, 1, 2]
+        assert anyio.run(lambda: pool.proxy.add(2, 2)) == 4
 
 
 def test_cancel_cancels_the_call_in_the_worker() -> None:
