@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from rapace._errors import Unimplemented
-from rapace.service import MethodSpec, service, service_spec
+from rapace.service import MethodSpec, extend_service, service_spec
 from rapace.wire import ErrorPayload, TypeCodec, codec_for
 
 __all__ = ("BATCH_METHOD", "BatchCodecs", "batch_codecs", "with_batching")
@@ -76,9 +76,16 @@ def with_batching(cls: type) -> type:
 
     batching = type(spec.name, (cls,), {BATCH_METHOD: rapace_batch, "__module__": cls.__module__})
     batching.__qualname__ = getattr(cls, "__qualname__", spec.name)
-    decorated: type = service(batching)
-    _batching_classes[cls] = decorated
-    return decorated
+    extend_service(batching, spec, _BatchSignature, BATCH_METHOD)
+    _batching_classes[cls] = batching
+    return batching
+
+
+class _BatchSignature:
+    """Where ``rapace_batch``'s signature is resolved (in this module, not the service's)."""
+
+    async def rapace_batch(self, method_id: int, calls: bytes) -> tuple[bytes, bytes | None]:
+        raise NotImplementedError
 
 
 def _run_all(

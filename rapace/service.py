@@ -181,7 +181,22 @@ def describe(cls_or_instance: object) -> dict[str, object]:
 
 def _build_spec(cls: type) -> ServiceSpec:
     name = cls.__name__
-    methods = [_method_spec(cls, name, attr) for attr in _public_methods(cls)]
+    return _assemble(name, cls, [_method_spec(cls, name, attr) for attr in _public_methods(cls)])
+
+
+def extend_service(cls: type, base: ServiceSpec, helper: type, method: str) -> None:
+    """Make ``cls`` (a subclass of ``base``'s class) a service with ``base``'s methods, as
+    they were resolved, plus ``helper``'s ``method`` served under ``base``'s name.
+
+    Nothing of ``base`` is resolved again: in a worker, a class shipped by value keeps the
+    schema its host resolved (annotations that name things only the host's ``__main__``
+    imported could not be resolved there).
+    """
+    extra = _method_spec(helper, base.name, method)
+    setattr(cls, _SPEC_ATTRIBUTE, _assemble(base.name, cls, [*base.methods, extra]))
+
+
+def _assemble(name: str, cls: type, methods: list[MethodSpec]) -> ServiceSpec:
     by_id: dict[int, MethodSpec] = {}
     for spec in methods:
         if spec.method_id == 0:

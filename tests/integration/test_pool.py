@@ -243,6 +243,38 @@ def test_a_main_module_service_without_a_guard_works(tmp_path: Path) -> None:
     assert result.stderr == ""
 
 
+def test_a_main_module_service_with_string_annotations_works(tmp_path: Path) -> None:
+    """The schema is resolved on the host and shipped: a worker never re-resolves names that
+    only the annotations of the host's ``__main__`` mention."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from __future__ import annotations
+
+            import decimal
+
+            import rapace
+
+            @rapace.service
+            class Money:
+                def half(self, x: decimal.Decimal) -> decimal.Decimal:
+                    return x / 2
+
+            with rapace.PluginPool(Money, workers=1) as pool:
+                print(pool.submit(Money.half, decimal.Decimal("3")).result())
+                print(list(pool.map(Money.half, [decimal.Decimal(1)], chunksize=2)))
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1.5\n[Decimal('0.5')]\n"
+    assert result.stderr == ""
+
+
 @pytest.mark.parametrize("chunksize", [1, 7, 256])
 def test_map_in_chunks_keeps_order_and_types(chunksize: int) -> None:
     with PluginPool(Calculator, workers=2) as pool:
