@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,16 +182,28 @@ def describe_exit(code: int | None) -> str:
 
 
 def worker_environment(
-    boot: Bootstrap, extra: Mapping[str, str] | None, workers: int
+    boot: Bootstrap, extra: Mapping[str, str] | None, workers: int, *, foreign: bool = False
 ) -> dict[str, str]:
+    """The environment of a worker: the host's, plus its import path and thread limits.
+
+    ``foreign``: the worker runs another interpreter (``python=``, ``command=``), which has
+    its own standard library and packages; it gets only the host's paths outside the host's
+    interpreter (the project, the working directory), or the host's would shadow its own.
+    """
     env = dict(os.environ)
     # Workers import what the host imports: its sys.path, first.
     paths = [p for p in sys.path if p]
+    if foreign:
+        paths = portable_paths(paths, _interpreter_roots())
     if os.getcwd() not in paths:
         paths.insert(0, os.getcwd())
     existing = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(paths + ([existing] if existing else []))
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    try:
+        cpus = len(os.sched_getaffinity(0))  # what this process may use, like workers=None
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    threads = str(max(1, cpus // max(1, workers)))
     for name in THREAD_VARIABLES:
         env.setdefault(name, threads)
     env["PYTHONUNBUFFERED"] = "1"
@@ -198,6 +211,34 @@ def worker_environment(
         env.update(extra)
     env[ENV_VAR] = boot.to_environment()
     return env
+
+
+def _is_foreign(python: str | None, command: Sequence[str] | None) -> bool:
+    if command is not None:
+        return True
+    if python is None:
+        return False
+    found = shutil.which(python) or python
+    return os.path.realpath(found) != os.path.realpath(sys.executable)
+
+
+def _interpreter_roots() -> list[str]:
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    with contextlib.suppress(Exception):
+        import site
+
+        roots.add(site.getusersitepackages())
+    return [os.path.realpath(r) for r in roots if r]
+
+
+def portable_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
+    """``paths`` without those inside any of ``roots`` (an interpreter's own directories)."""
+    kept = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if not any(real == root or real.startswith(root + os.sep) for root in roots):
+            kept.append(path)
+    return kept
 
 
 async def launch_worker(
@@ -264,7 +305,7 @@ async def launch_worker(
         # spawning thread, and this is the pool's loop thread, which lives as long as it.
         process = subprocess.Popen(  # noqa: ASYNC220
             argv,
-            env=worker_environment(boot, env, workers),
+            env=worker_environment(boot, env, workers, foreign=_is_foreign(python, command)),
             pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

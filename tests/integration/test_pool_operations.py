@@ -358,8 +358,14 @@ def test_a_plugin_program_in_another_virtual_environment(tmp_path: Path) -> None
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"cannot create a virtual environment: {exc}")
     venv_python = venv / "bin" / "python"
+    # "Install" rapace and its dependencies in the plugin's environment by pointing a .pth
+    # file at the host's: the host's own interpreter paths are not inherited (they would
+    # shadow the plugin environment's packages), only the project's (the test services).
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = venv / "lib" / version / "site-packages"
+    host_site = [p for p in sys.path if p.endswith("site-packages")]
+    (site_packages / "host_packages.pth").write_text("\n".join(host_site) + "\n")
     program = write_script(tmp_path / "calc_plugin.py", VENV_PLUGIN)
-    # The workers import rapace and the test services through the inherited sys.path.
     with PluginPool(Calculator, command=[str(venv_python), str(program)], workers=1) as pool:
         assert pool.submit(Calculator.add, 2, 3).result(timeout=30) == 1005
         prefix = pool.submit(Calculator.environment, "sys.prefix").result(timeout=30)
