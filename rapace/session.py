@@ -894,6 +894,7 @@ class RemoteStream(Generic[T]):
         self._pump_scope: anyio.CancelScope | None = None
         self._finished = False
         self._codec = _codecs(spec).response_item
+        self._timeout_at = math.inf  # call_timeout, on anyio's clock, once started
 
     def __aiter__(self) -> Self:
         return self
@@ -924,7 +925,13 @@ class RemoteStream(Generic[T]):
                     if inbox.error is not None:
                         await _raise_call_error(inbox.error)
                     raise StopAsyncIteration
-                await inbox.wait()
+                with anyio.CancelScope(deadline=self._timeout_at) as scope:
+                    await inbox.wait()
+                if scope.cancelled_caught:
+                    raise DeadlineExceeded(
+                        f"{self._spec.qualified_name} did not finish within "
+                        f"{session._call_timeout} s"
+                    )
         except BaseException as exc:
             if not isinstance(exc, StopAsyncIteration):
                 await self.aclose()
@@ -941,7 +948,15 @@ class RemoteStream(Generic[T]):
         session = self._session
         codecs = _codecs(self._spec)
         payload = _encode(codecs.args, self._values, session._buffers)
-        state = self._state = session._open(self._spec, payload, _deadline_ns())
+        deadline = _deadline_ns()
+        timeout = session._call_timeout
+        if timeout is not None:
+            # The whole stream is one call: the handler is cancelled when it runs out, and
+            # a consumer waiting for the next item gives up then too.
+            self._timeout_at = anyio.current_time() + timeout
+            limit = time.monotonic_ns() + int(timeout * 1e9)
+            deadline = limit if deadline is None else min(deadline, limit)
+        state = self._state = session._open(self._spec, payload, deadline)
         if self._source is not None:
             assert codecs.request_item is not None
             assert session._task_group is not None

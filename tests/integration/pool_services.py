@@ -48,6 +48,11 @@ class Calculator:
             self.cancelled += 1
             self._cancelled().set()
 
+    async def stall(self) -> Streaming[int]:
+        """One item, then nothing for an hour."""
+        yield 0
+        await anyio.sleep(3600)
+
     async def scale(self, xs: Streaming[float], k: float) -> Streaming[float]:
         async for x in xs:
             yield x * k

@@ -153,6 +153,12 @@ def test_call_timeout_raises_deadline_exceeded() -> None:
         with pytest.raises(rapace.DeadlineExceeded):
             pool.submit(Calculator.sleep, 30.0).result(timeout=10)
         assert pool.submit(Calculator.add, 2, 2).result(timeout=10) == 4
+        # A stream is one call: the timeout bounds all of it, fast producer or stalled.
+        for method in (pool.proxy.forever, pool.proxy.stall):
+            with pytest.raises(rapace.DeadlineExceeded):
+                for _ in method():
+                    pass
+        assert pool.submit(Calculator.add, 2, 2).result(timeout=10) == 4
 
 
 def test_a_plain_def_handler_releases_its_caller_at_once() -> None:
