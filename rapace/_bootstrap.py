@@ -68,7 +68,12 @@ class Bootstrap:
             from rapace.shm import attach_link
             from rapace.shm._arena import ArenaMap
 
-            transport = attach_link(self.link, peer_liveness_fd=self.death_fd)
+            spin = self.extra.get("spin")
+            transport = attach_link(
+                self.link,
+                peer_liveness_fd=self.death_fd,
+                **({"spin": float(spin)} if spin is not None else {}),
+            )
             transport.buffers.arena = ArenaMap(self.host_pid)  # maps blocks as referenced
             return transport
         if self.transport == "unix":

@@ -298,6 +298,7 @@ async def launch_worker(
             link=link,
             token=token,
             backend=backend,
+            extra={"spin": link_options.spin},  # the worker spins as the host was told
         )
         argv: Sequence[str] = command or [python or sys.executable, "-m", "rapace.worker"]
         started_at = time.monotonic()

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import anyio
+import pytest
+
+from rapace._bootstrap import Bootstrap
 from rapace._workers import portable_paths, worker_environment
+from rapace.shm import SUPPORTED as SHM_SUPPORTED
+from rapace.shm import LinkOffer, LinkOptions, create_link
 
 
 def test_portable_paths_leave_out_an_interpreters_own_directories() -> None:
@@ -48,3 +55,39 @@ def test_thread_variables_follow_the_cpus_this_process_may_use() -> None:
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if "OMP_NUM_THREADS" not in os.environ:
         assert env["OMP_NUM_THREADS"] == str(allowed)
+
+
+@pytest.mark.skipif(not SHM_SUPPORTED, reason="shared memory needs Linux on x86-64")
+@pytest.mark.parametrize("spin", [0.0, 50e-6])
+def test_the_worker_spins_as_the_host_was_told(spin: float) -> None:
+    """``PluginPool(spin=...)`` reaches the worker's end of the link, not only the host's."""
+    host, offer = create_link(LinkOptions(spin=spin))
+    dup = LinkOffer(
+        os.dup(offer.segment_fd), os.dup(offer.doorbell_a_fd), os.dup(offer.doorbell_b_fd), ""
+    )
+    death_read, death_write = os.pipe()
+    boot = Bootstrap(
+        index=0,
+        host_pid=os.getpid(),
+        death_fd=death_read,
+        status_fd=-1,
+        service_fd=-1,
+        transport="shm",
+        link=dup.encode(),
+        extra={"spin": spin},
+    )
+    worker = boot.open_transport()
+    try:
+        assert worker._spin.max_budget == spin
+    finally:
+
+        async def close() -> None:
+            await worker.aclose()
+            await host.aclose()
+
+        anyio.run(close)
+        os.close(death_write)
+        os.close(death_read)  # the worker watches it; closing it is its owner's job
+        for fd in offer.pass_fds:  # what a pool closes once the worker is spawned
+            with contextlib.suppress(OSError):  # the doorbells may be the host's own
+                os.close(fd)
