@@ -34,8 +34,8 @@ from typing import Any, Final, TypeVar
 
 from typing_extensions import is_typeddict
 
-from rapace._errors import RapaceError
-from rapace.wire import CallKind, MethodEntry, method_id
+from rapace._errors import EncodeError, RapaceError
+from rapace.wire import CallKind, MethodEntry, codec_for, method_id
 
 __all__ = (
     "MethodSpec",
@@ -304,6 +304,7 @@ def _method_spec(cls: type, service_name: str, attr: str) -> MethodSpec:
     else:
         kind = CallKind.CLIENT_STREAMING if streams_in else CallKind.UNARY
     result = returns if return_item is None else return_item
+    _check_types(qualified, params, result)
     return MethodSpec(
         service_name=service_name,
         name=attr,
@@ -315,6 +316,17 @@ def _method_spec(cls: type, service_name: str, attr: str) -> MethodSpec:
         sig_hash=_signature_hash(kind, params, result),
         signature=signature,
     )
+
+
+def _check_types(qualified: str, params: list[ParamSpec], result: object) -> None:
+    """Fail at decoration, not at the first call, on a type the codec cannot carry."""
+    checks = [(p.annotation, p.name if not p.streaming else f"{p.name}[item]") for p in params]
+    checks.append((result, "return value"))
+    for annotation, where in checks:
+        try:
+            codec_for(annotation, root=where)
+        except EncodeError as exc:
+            raise ServiceDefinitionError(f"{qualified}: {exc}") from None
 
 
 def _stream_item(annotation: object) -> object | None:

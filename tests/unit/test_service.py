@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -160,6 +160,18 @@ def _sync_stream_param(self: object, xs: Streaming[int]) -> int:
     return 0
 
 
+async def _complex_param(self: object, z: complex) -> int:
+    return 0
+
+
+async def _literal_return(self: object) -> Literal["a", "b"]:
+    return "a"
+
+
+async def _stream_of_unsupported(self: object, xs: Streaming[complex]) -> int:
+    return 0
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -171,6 +183,9 @@ def _sync_stream_param(self: object, xs: Streaming[int]) -> int:
         ({"f": _untyped_agen}, r"Streaming\[T\]"),
         ({"f": _sync_stream_param}, "must be 'async def'"),
         ({"f": staticmethod(lambda: 1)}, "static and class methods"),
+        ({"f": _complex_param}, "z: unsupported type annotation complex"),
+        ({"f": _literal_return}, "return value: unsupported type annotation Literal"),
+        ({"f": _stream_of_unsupported}, r"xs\[item\]: unsupported type"),
     ],
 )
 def test_unsupported_signatures_fail_at_decoration(body: dict[str, Any], message: str) -> None:
