@@ -420,6 +420,11 @@ class _PoolCore(Generic[S]):
             )
         if self._thread is None:
             raise RuntimeError("an 'async with' pool is closed with 'await pool.aclose()'")
+        if not wait:
+            # Like Executor.shutdown(wait=False): return now, the pool's thread stops the
+            # calls and workers on its own (each step bounded).
+            self._stop_in_background(cancel_futures)
+            return
         if self._state == "running":
             self._state = "stopping"
             done = threading.Event()
@@ -487,14 +492,22 @@ class _PoolCore(Generic[S]):
     def abandon(self) -> None:
         """The user dropped the pool without shutting it down (garbage collection, a notebook
         cell run again): stop it in the background, calls cancelled, without blocking."""
+        self._stop_in_background(cancel_futures=True)
+
+    def _stop_in_background(self, cancel_futures: bool) -> None:
         thread, loop = self._thread, self._loop
         if self._state != "running" or thread is None or loop is None:
             return
         self._state = "stopping"
 
+        def finished() -> None:
+            self._state = "closed"
+            self._close_arena()
+            thread.request_stop()
+
         def begin() -> None:
             assert self._task_group is not None
-            self._task_group.start_soon(self._shutdown_then, False, True, thread.request_stop)
+            self._task_group.start_soon(self._shutdown_then, False, cancel_futures, finished)
 
         try:
             loop.call_soon(self._enqueue, begin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -196,6 +197,27 @@ def test_workers_failing_to_start_break_the_pool_with_their_traceback() -> None:
         pass
     assert isinstance(info.value, concurrent.futures.BrokenExecutor)
     assert "RuntimeError" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_waiting_returns_while_a_call_cannot_finish() -> None:
+    """Like Executor.shutdown(wait=False): the caller is not held up (a blocking handler
+    could keep it for 30 s); the call is cancelled and the worker stopped in the background."""
+    pool = PluginPool(Calculator, workers=1).start()
+    worker = pool.workers[0].pid
+    assert worker is not None
+    blocked = pool.submit(Calculator.block, 30.0)
+    pool.shutdown(wait=False)
+    with pytest.raises(concurrent.futures.CancelledError):
+        blocked.result(timeout=20)
+    with pytest.raises(RuntimeError):
+        pool.submit(Calculator.add, 1, 1)
+    pidfd = os.pidfd_open(worker)
+    try:
+        assert select.select([pidfd], [], [], 20)[0], "the worker was not stopped"
+    finally:
+        os.close(pidfd)
+    pool.shutdown()  # joins the pool's thread; idempotent
 
 
 def test_submit_after_shutdown_raises() -> None:
