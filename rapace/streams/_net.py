@@ -10,7 +10,9 @@ imported only when a ``ws://`` address is used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +48,23 @@ class Address:
         if self.scheme == "ws":
             return f"ws://{host}:{self.port}{self.path}"
         return f"tcp://{host}:{self.port}"
+
+
+def _refuse_a_live_socket(path: str) -> None:
+    """anyio removes whatever socket file is at ``path`` before binding: a second server
+    would silently take the address of one still serving. A stale file (nobody accepts on
+    it) may go; a live one is EADDRINUSE."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        return  # nothing there, or a stale file: binding may replace it
+    except OSError:
+        return  # not a socket, no permission...: let the bind report it
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}", path)
 
 
 def parse_address(url: str) -> Address:
@@ -160,6 +179,7 @@ async def serve_transports(
     websocket = _websocket() if address.scheme == "ws" else None  # fail before listening
     listener: anyio.abc.Listener[anyio.abc.SocketStream]
     if address.scheme == "unix":
+        _refuse_a_live_socket(address.path)
         listener = await anyio.create_unix_listener(address.path, mode=0o600)
         bound = address
     else:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -118,6 +120,46 @@ async def test_unix_socket_round_trip_and_permissions(tmp_path: Path) -> None:
             assert [bytes(f.payload) for f in got] == [b"hi", big]
             await transport.aclose()
     assert not path.exists()
+
+
+async def test_a_second_unix_listener_cannot_take_a_live_address(tmp_path: Path) -> None:
+    """anyio would unlink the first server's socket file and bind over it."""
+    path = tmp_path / "p.sock"
+    with anyio.fail_after(10):
+        async with _server(f"unix://{path}", None):
+            refused: list[OSError] = []
+            try:
+                async with _server(f"unix://{path}", None):
+                    pass
+            except* OSError as group:
+                refused += _leaves(group)
+            assert [e.errno for e in refused] == [errno.EADDRINUSE]
+            assert "another server is listening" in str(refused[0])
+            transport = await connect_transport(f"unix://{path}")  # the first still serves
+            await transport.send([_frame(b"still here")])
+            assert [bytes(f.payload) for f in await transport.receive()] == [b"still here"]
+            await transport.aclose()
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    leaves: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves += _leaves(exc)
+        else:
+            leaves.append(exc)
+    return leaves
+
+
+async def test_a_stale_unix_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "p.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    with anyio.fail_after(10):
+        async with _server(f"unix://{path}", None):
+            transport = await connect_transport(f"unix://{path}")
+            await transport.aclose()
 
 
 async def test_tcp_with_the_right_token() -> None:
