@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar, cast
 
@@ -48,6 +48,7 @@ from rapace._loop import (
     current_trio_token,
     running_asyncio_loop,
 )
+from rapace._map import Expand, MapResults, single
 from rapace._shared_arrays import arena_buffer, arena_empty, arena_zeros
 from rapace._workers import StartFailed, WorkerLaunch, describe_exit, launch_worker, stop_process
 from rapace.service import MethodSpec, ServiceSpec, service_spec
@@ -896,62 +897,37 @@ class _PoolCore(Generic[S]):
         chunksize: int = 1,
         ordered: bool = True,
         progress: bool = False,
-    ) -> Iterator[T]:
-        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``).
+    ) -> MapResults[T]:
+        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``),
+        for ``for`` or ``async for``.
 
         ``chunksize > 1`` sends that many calls per message; ``progress=True`` shows a
         progress bar (tqdm's, notebook-aware, when installed; else a line on stderr).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        if progress:
-            items = list(zip(*iterables, strict=False))
-            inner = self.map(
-                method,
-                *zip(*items, strict=True),
-                timeout=timeout,
-                chunksize=chunksize,
-                ordered=ordered,
-            )
-            from rapace._progress import with_progress
-
-            return with_progress(
-                inner, len(items), self._spec.name + "." + self._method(method).name
-            )
         end = None if timeout is None else time.monotonic() + timeout
-        if chunksize > 1 and self._options.command is None:
-            # (A plugin program serves its own class, without the batch method.)
-            return self._map_chunks(method, iterables, end, chunksize, ordered)
-        futures = [self.submit(method, *args) for args in zip(*iterables, strict=False)]
+        calls = list(zip(*iterables, strict=False))
+        bar = None
+        if progress:
+            from rapace._progress import progress_bar
 
-        def results() -> Iterator[T]:
-            import concurrent.futures
+            bar = progress_bar(len(calls), f"{self._spec.name}.{self._method(method).name}")
+        try:
+            if chunksize > 1 and self._options.command is None:
+                # (A plugin program serves its own class, without the batch method.)
+                parts, expand = self._submit_chunks(method, calls, chunksize)
+            else:
+                parts, expand = [self.submit(method, *args) for args in calls], single
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        return MapResults(parts, expand, ordered=ordered, end=end, progress=bar)
 
-            try:
-                if ordered:
-                    for future in futures:
-                        left = None if end is None else max(0.0, end - time.monotonic())
-                        yield future.result(left)
-                else:
-                    left = None if end is None else max(0.0, end - time.monotonic())
-                    for done in concurrent.futures.as_completed(futures, left):
-                        yield done.result()
-            finally:
-                for future in futures:
-                    future.cancel()
-
-        return results()
-
-    def _map_chunks(
-        self,
-        method: Callable[..., T],
-        iterables: tuple[Iterable[Any], ...],
-        end: float | None,
-        chunksize: int,
-        ordered: bool,
-    ) -> Iterator[T]:
-        import concurrent.futures
-
+    def _submit_chunks(
+        self, method: Callable[..., Any], calls: list[tuple[Any, ...]], chunksize: int
+    ) -> tuple[list[Future[Any]], Expand]:
         from rapace._batch import batch_codecs
         from rapace.session import _bind, _remote_exception
 
@@ -960,35 +936,20 @@ class _PoolCore(Generic[S]):
             raise TypeError(f"map() takes unary methods; {spec.qualified_name} streams")
         codec = batch_codecs(spec)
         batch = self._batch_spec()
-        calls = [tuple(_bind(spec, args, {})) for args in zip(*iterables, strict=False)]
-        futures = [
+        bound = [tuple(_bind(spec, args, {})) for args in calls]
+        parts = [
             self._call(
-                batch, (spec.method_id, codec.calls.encode(calls[i : i + chunksize]).data), {}
+                batch, (spec.method_id, codec.calls.encode(bound[i : i + chunksize]).data), {}
             )
-            for i in range(0, len(calls), chunksize)
+            for i in range(0, len(bound), chunksize)
         ]
 
-        def unpack(future: concurrent.futures.Future[Any]) -> Iterator[T]:
-            left = None if end is None else max(0.0, end - time.monotonic())
-            encoded, error = future.result(left)
-            yield from codec.results.decode(encoded)
-            if error is not None:
-                raise _remote_exception(error)
+        def expand(value: Any) -> tuple[Sequence[Any], BaseException | None]:
+            encoded, error = value
+            failure = _remote_exception(error) if error is not None else None
+            return codec.results.decode(encoded), failure
 
-        def results() -> Iterator[T]:
-            try:
-                if ordered:
-                    for future in futures:
-                        yield from unpack(future)
-                else:
-                    left = None if end is None else max(0.0, end - time.monotonic())
-                    for done in concurrent.futures.as_completed(futures, left):
-                        yield from unpack(done)
-            finally:
-                for future in futures:
-                    future.cancel()
-
-        return results()
+        return parts, expand
 
     def _batch_spec(self) -> MethodSpec:
         from rapace._batch import BATCH_METHOD, with_batching
@@ -1307,9 +1268,10 @@ class PluginPool(Generic[S]):
         chunksize: int = 1,
         ordered: bool = True,
         progress: bool = False,
-    ) -> Iterator[T]:
-        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``);
-        ``chunksize > 1`` sends that many calls per message; ``progress=True`` shows a bar."""
+    ) -> MapResults[T]:
+        """Like ``Executor.map``: results in order (or as they finish with ``ordered=False``),
+        for ``for`` or ``async for``; ``chunksize > 1`` sends that many calls per message;
+        ``progress=True`` shows a bar."""
         return self._core.map(
             method,
             *iterables,

@@ -443,6 +443,50 @@ def test_worker_output_reaches_the_host_prefixed(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == ["[worker 0] careful: hello"]
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("chunksize", [1, 5])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_map_results_are_an_async_iterator_too(
+    pool: PluginPool[Calculator], backend: str, chunksize: int, ordered: bool
+) -> None:
+    xs = list(range(30))
+
+    async def main() -> list[int]:
+        results = pool.map(Calculator.add, xs, xs, chunksize=chunksize, ordered=ordered)
+        return [r async for r in results]
+
+    got = anyio.run(main, backend=backend)
+    expected = [2 * x + 100 for x in xs]
+    assert (got if ordered else sorted(got)) == expected
+
+
+def test_map_raises_the_first_error_in_a_loop_too(pool: PluginPool[Calculator]) -> None:
+    async def main() -> list[int]:
+        got: list[int] = []
+        async for r in pool.map(Calculator.add, [1, 2, "x", 4], [0, 0, 0, 0], chunksize=2):
+            got.append(r)
+        return got
+
+    with pytest.raises(rapace.EncodeError):
+        anyio.run(main)
+
+
+def test_leaving_a_map_early_cancels_the_calls_left() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        for seconds in pool.map(Calculator.sleep, [0.0, 30.0, 30.0]):
+            assert seconds == 0.0
+            break
+        assert pool.submit(Calculator.wait_cancelled).result(timeout=10) >= 1
+
+        async def main() -> None:
+            with pytest.raises(TimeoutError):
+                async for _ in pool.map(Calculator.sleep, [30.0], timeout=0.2):
+                    pass
+
+        anyio.run(main)
+        assert pool.submit(Calculator.add, 1, 1).result(timeout=10) == 2
+
+
 def test_map_with_a_progress_bar_without_tqdm(
     pool: PluginPool[Calculator],
     monkeypatch: pytest.MonkeyPatch,

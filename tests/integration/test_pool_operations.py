@@ -423,7 +423,13 @@ def test_map_with_a_tqdm_progress_bar(
         assert list(pool.map(Calculator.add, xs, xs, progress=True, chunksize=8)) == expected
         unordered = pool.map(Calculator.add, xs, xs, progress=True, ordered=False)
         assert sorted(unordered) == expected
-    assert len(FakeBar.bars) == 3
+
+        async def in_a_loop() -> list[int]:
+            results = pool.map(Calculator.add, xs, xs, progress=True, chunksize=4)
+            return [r async for r in results]
+
+        assert anyio.run(in_a_loop) == expected  # async use draws the same bar
+    assert len(FakeBar.bars) == 4
     for bar in FakeBar.bars:
         assert bar.total == len(xs)
         assert bar.updates == [1] * len(xs)
