@@ -461,14 +461,15 @@ def test_map_results_are_an_async_iterator_too(
 
 
 def test_map_raises_the_first_error_in_a_loop_too(pool: PluginPool[Calculator]) -> None:
-    async def main() -> list[int]:
-        got: list[int] = []
-        async for r in pool.map(Calculator.add, [1, 2, "x", 4], [0, 0, 0, 0], chunksize=2):
-            got.append(r)
-        return got
+    got: list[int] = []
 
-    with pytest.raises(rapace.EncodeError):
+    async def main() -> None:
+        async for r in pool.map(Calculator.fail_at, [1, 2, 3, 4], [3, 3, 3, 3], chunksize=2):
+            got.append(r)  # noqa: PERF401 (what came before the error is the point)
+
+    with pytest.raises(ValueError, match="3"):
         anyio.run(main)
+    assert got == [1, 2]
 
 
 def test_leaving_a_map_early_cancels_the_calls_left() -> None:
