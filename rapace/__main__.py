@@ -19,8 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "demo",
         help="run the bundled demonstration",
-        description="Serve a small image-statistics service from a child process and call "
-        "it from here: every call shape, a remote error, a cancellation and a latency sample.",
+        description="Process a batch of images with a pool of two plugin workers over shared "
+        "memory (zero-copy in and out), compare with ProcessPoolExecutor, and show a stream, a "
+        "remote error and a crashed worker. Needs numpy (pip install 'rapace[numpy]').",
     )
     _cli_inspect.register(commands)
     _cli_serve.register(commands)
