@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -220,6 +221,7 @@ class _PoolCore(Generic[S]):
         self._startup_error: BaseException | None = None
         self._stats_calls = 0
         self._stats_errors = 0
+        self._retired: collections.Counter[str] = collections.Counter()  # of replaced workers
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
         self._call_scopes: set[anyio.CancelScope] = set()
         self._cancelling_all = False
@@ -652,6 +654,7 @@ class _PoolCore(Generic[S]):
             else:
                 started = await self._serve_worker(slot, launch)
         finally:
+            self._retire_counters(launch)
             transport = launch.transport
             if transport is not None and not started:
                 with anyio.CancelScope(shield=True):
@@ -662,6 +665,17 @@ class _PoolCore(Generic[S]):
             self._processes.launches.pop(slot.index, None)
             slot.launch = None
         return started, error
+
+    def _retire_counters(self, launch: WorkerLaunch) -> None:
+        """Keep a finished link's counters: pool statistics never go backwards on a restart."""
+        counters = getattr(launch.transport, "stats", None)
+        if counters is None:
+            return
+        for name in _TRANSPORT_COUNTERS:
+            self._retired[name] += getattr(counters, name)
+        self._retired["ring_high_water"] = max(
+            self._retired["ring_high_water"], counters.ring_high_water
+        )
 
     async def _serve_worker(self, slot: _Slot, launch: WorkerLaunch) -> bool:
         assert launch.transport is not None
@@ -821,6 +835,9 @@ class _PoolCore(Generic[S]):
             self._stats_calls += 1
             self._call_ended()
 
+    def _count_calls(self, n: int, _: object) -> None:
+        self._stats_calls += n
+
     def _call_ended(self) -> None:
         """Book a finished call; the last one wakes a shutdown waiting for calls in flight."""
         self._calls -= 1
@@ -937,12 +954,13 @@ class _PoolCore(Generic[S]):
         codec = batch_codecs(spec)
         batch = self._batch_spec()
         bound = [tuple(_bind(spec, args, {})) for args in calls]
-        parts = [
-            self._call(
-                batch, (spec.method_id, codec.calls.encode(bound[i : i + chunksize]).data), {}
-            )
-            for i in range(0, len(bound), chunksize)
-        ]
+        parts = []
+        for i in range(0, len(bound), chunksize):
+            chunk = bound[i : i + chunksize]
+            part = self._call(batch, (spec.method_id, codec.calls.encode(chunk).data), {})
+            # The pool counts the message as one call when it ends: count the rest of it.
+            part.add_done_callback(functools.partial(self._count_calls, len(chunk) - 1))
+            parts.append(part)
 
         def expand(value: Any) -> tuple[Sequence[Any], BaseException | None]:
             encoded, error = value
@@ -1100,8 +1118,8 @@ class _PoolCore(Generic[S]):
                 return None
             return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e6
 
-        transport: collections.Counter[str] = collections.Counter()
-        high_water = 0
+        transport = collections.Counter(self._retired)
+        high_water = transport.pop("ring_high_water", 0)
         for slot in self._slots:
             launch = slot.launch
             if launch is None:

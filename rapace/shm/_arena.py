@@ -178,6 +178,8 @@ class Arena:
         """A view of arena memory a worker referenced, kept alive by its allocation's lease."""
         if type(where) is not str:
             raise ValueError("malformed arena reference")
+        if start < 0 or nbytes < 0:
+            raise ValueError("negative offset or length in an arena reference")
         with self._lock:
             block = self._blocks.get(where)
             if block is None:

@@ -488,6 +488,21 @@ def test_leaving_a_map_early_cancels_the_calls_left() -> None:
         assert pool.submit(Calculator.add, 1, 1).result(timeout=10) == 2
 
 
+def test_statistics_count_every_call_and_survive_a_restart() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        assert sum(pool.map(Calculator.add, range(100), range(100), chunksize=10)) == 9900
+        before = pool.stats()
+        assert before["calls"] == 100  # ten messages, a hundred calls
+        with pytest.raises(rapace.WorkerCrashed):
+            pool.submit(Calculator.die, "kill").result(timeout=20)
+        assert pool.submit(Calculator.add, 1, 1).result(timeout=20) == 2
+        after = pool.stats()
+    assert after["calls"] == 102
+    assert after["restarts"] == 1
+    for key in ("frames_sent", "frames_received", "bytes_in_slots", "ring_high_water"):
+        assert after[key] >= before[key], key  # the dead worker's link still counts
+
+
 def test_map_with_a_progress_bar_without_tqdm(
     pool: PluginPool[Calculator],
     monkeypatch: pytest.MonkeyPatch,
