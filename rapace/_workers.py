@@ -247,6 +247,7 @@ async def launch_worker(
     service_payload: bytes,
     transport: str,
     link_options: LinkOptions,
+    handler_threads: int | None = None,
     python: str | None,
     env: Mapping[str, str] | None,
     workers: int,
@@ -298,7 +299,9 @@ async def launch_worker(
             link=link,
             token=token,
             backend=backend,
-            extra={"spin": link_options.spin},  # the worker spins as the host was told
+            # The worker spins as the host was told, and runs plain def handlers this many
+            # at a time.
+            extra={"spin": link_options.spin, "handler_threads": handler_threads},
         )
         argv: Sequence[str] = command or [python or sys.executable, "-m", "rapace.worker"]
         started_at = time.monotonic()

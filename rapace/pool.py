@@ -115,6 +115,7 @@ class _Options:
     call_timeout: float | None
     start_timeout: float
     link: LinkOptions
+    handler_threads: int | None
 
 
 class _Processes:
@@ -161,6 +162,7 @@ class _PoolCore(Generic[S]):
         ring_capacity: int | None = None,
         slot_classes: Iterable[tuple[int, int]] | None = None,
         spin: float | None = None,
+        handler_threads: int | None = 1,
     ) -> None:
         self._spec: ServiceSpec = service_spec(service)
         self._service = service
@@ -168,6 +170,8 @@ class _PoolCore(Generic[S]):
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
+        if handler_threads is not None and handler_threads < 1:
+            raise ValueError(f"handler_threads must be at least 1 or None, not {handler_threads}")
         if transport not in ("shm", "unix", "tcp"):
             raise ValueError(f"transport must be 'shm', 'unix' or 'tcp', not {transport!r}")
         if transport == "shm" and not SHM_SUPPORTED:
@@ -194,6 +198,7 @@ class _PoolCore(Generic[S]):
             call_timeout=call_timeout,
             start_timeout=start_timeout,
             link=link,
+            handler_threads=handler_threads,
         )
         self._args = tuple(args)
         self._kwargs = dict(kwargs or {})
@@ -631,6 +636,7 @@ class _PoolCore(Generic[S]):
                 service_payload=self._service_payload,
                 transport=options.transport,
                 link_options=options.link,
+                handler_threads=options.handler_threads,
                 python=options.python,
                 env=options.env,
                 workers=len(self._slots),
@@ -1193,6 +1199,10 @@ class PluginPool(Generic[S]):
         call_timeout: a deadline in seconds for every call (``rapace.DeadlineExceeded``).
         start_timeout: how long a worker may take to become ready, in seconds.
         ring_capacity, slot_classes, spin: shared-memory tuning (see ``rapace.shm``).
+        handler_threads: how many plain ``def`` methods a worker runs at once (1, like a
+            ``ProcessPoolExecutor`` worker: more threads only fight over the GIL on CPU-bound
+            work); ``async def`` methods are never limited. None: anyio's 40 threads, for
+            blocking I/O in ``def`` methods.
     """
 
     def __init__(
@@ -1212,6 +1222,7 @@ class PluginPool(Generic[S]):
         ring_capacity: int | None = None,
         slot_classes: Iterable[tuple[int, int]] | None = None,
         spin: float | None = None,
+        handler_threads: int | None = 1,
     ) -> None:
         core: _PoolCore[S] = _PoolCore(
             service,
@@ -1228,6 +1239,7 @@ class PluginPool(Generic[S]):
             ring_capacity=ring_capacity,
             slot_classes=slot_classes,
             spin=spin,
+            handler_threads=handler_threads,
         )
         self._core = core
         # Dropped without shutdown (a notebook cell run again, a forgotten pool): stop it.

@@ -221,6 +221,8 @@ class RpcSession:
         ping_interval: seconds between keep-alive pings; a peer that does not answer within
             ``ping_interval`` is considered dead and the session closes. None disables.
         limits: what this side is prepared to receive (window, payload size, channels).
+        handler_threads: how many plain ``def`` handlers may run at once (each in a thread);
+            None: anyio's default limiter (40 threads).
     """
 
     def __init__(
@@ -232,7 +234,12 @@ class RpcSession:
         call_timeout: float | None = None,
         ping_interval: float | None = None,
         limits: HelloLimits | None = None,
+        handler_threads: int | None = None,
     ) -> None:
+        if handler_threads is not None and handler_threads < 1:
+            raise ValueError(f"handler_threads must be at least 1, not {handler_threads}")
+        self._handler_threads = handler_threads
+        self._thread_limiter: anyio.CapacityLimiter | None = None  # made in the session's loop
         self._transport = transport
         # Shared-memory transports place large and shared buffers themselves (zero-copy).
         self._buffers: Any = getattr(transport, "buffers", None)
@@ -641,6 +648,13 @@ class RpcSession:
             case GoAwayReceived():
                 pass  # the wire refuses new calls itself; calls in flight continue
 
+    def _limiter(self) -> anyio.CapacityLimiter | None:
+        if self._handler_threads is None:
+            return None
+        if self._thread_limiter is None:
+            self._thread_limiter = anyio.CapacityLimiter(self._handler_threads)
+        return self._thread_limiter
+
     def _discard(self, payload: Any) -> None:
         """A payload nobody will decode: give back the shared memory it references."""
         if self._buffers is not None and _references_shared_memory(payload):
@@ -842,7 +856,9 @@ class RpcSession:
         if not codecs.handler_streams:
             if spec.is_sync:
                 result = await anyio.to_thread.run_sync(
-                    partial(method, *positional, **keywords), abandon_on_cancel=True
+                    partial(method, *positional, **keywords),
+                    abandon_on_cancel=True,
+                    limiter=self._limiter(),
                 )
             else:
                 result = await method(*positional, **keywords)
@@ -1003,6 +1019,7 @@ async def open_session(
     call_timeout: float | None = None,
     ping_interval: float | None = None,
     limits: HelloLimits | None = None,
+    handler_threads: int | None = None,
 ) -> AsyncIterator[RpcSession]:
     """Run an :class:`RpcSession` for the duration of the ``async with`` block.
 
@@ -1020,6 +1037,7 @@ async def open_session(
         call_timeout=call_timeout,
         ping_interval=ping_interval,
         limits=limits,
+        handler_threads=handler_threads,
     )
     try:
         async with anyio.create_task_group() as tg:

@@ -78,7 +78,8 @@ def run(boot: Any, build: Any) -> NoReturn:
     try:
         import anyio
 
-        anyio.run(_serve, impl, transport, backend=boot.backend)
+        threads = boot.extra.get("handler_threads")
+        anyio.run(_serve, impl, transport, threads, backend=boot.backend)
     except SystemExit:  # the parent-death signal: the host is gone
         pass
     except BaseException:  # an unexpected crash of the session itself: say so, exit non-zero
@@ -87,7 +88,7 @@ def run(boot: Any, build: Any) -> NoReturn:
     _exit(boot, code)
 
 
-async def _serve(impl: object, transport: Any) -> None:
+async def _serve(impl: object, transport: Any, handler_threads: int | None = None) -> None:
     from rapace._bootstrap import _LazyTcp
     from rapace.session import open_session
     from rapace.wire import Role
@@ -96,7 +97,9 @@ async def _serve(impl: object, transport: Any) -> None:
         from rapace.streams._net import connect_transport
 
         transport = await connect_transport(transport.url, token=transport.token)
-    async with open_session(transport, role=Role.ACCEPTOR, serve=impl) as session:
+    async with open_session(
+        transport, role=Role.ACCEPTOR, serve=impl, handler_threads=handler_threads
+    ) as session:
         await session.wait_closed()
 
 

@@ -15,6 +15,10 @@ import rapace
 from rapace import Streaming
 
 
+_barrier_lock = threading.Lock()
+_barrier: threading.Barrier | None = None
+
+
 @rapace.service
 class Calculator:
     def __init__(self, offset: int = 0) -> None:
@@ -76,6 +80,19 @@ class Calculator:
         """Return once a ``sleep`` was cancelled (at once if one already was)."""
         await self._cancelled().wait()
         return self.cancelled
+
+    def meet(self, parties: int, patience: float) -> bool:
+        """True if ``parties`` calls of this method ran at the same time in this worker."""
+        with _barrier_lock:
+            global _barrier
+            if _barrier is None or _barrier.parties != parties or _barrier.broken:
+                _barrier = threading.Barrier(parties)
+            barrier = _barrier
+        try:
+            barrier.wait(patience)
+        except threading.BrokenBarrierError:
+            return False
+        return True
 
     def block(self, seconds: float) -> float:
         time.sleep(seconds)

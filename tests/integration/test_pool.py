@@ -488,6 +488,18 @@ def test_leaving_a_map_early_cancels_the_calls_left() -> None:
         assert pool.submit(Calculator.add, 1, 1).result(timeout=10) == 2
 
 
+@pytest.mark.parametrize(("threads", "together"), [(1, False), (None, True)])
+def test_plain_def_methods_run_one_at_a_time_per_worker_by_default(
+    threads: int | None, together: bool
+) -> None:
+    """Like a ProcessPoolExecutor worker (CPU-bound threads only fight over the GIL), unless
+    handler_threads says otherwise."""
+    with PluginPool(Calculator, workers=1, handler_threads=threads) as pool:
+        patience = 10.0 if together else 0.5
+        met = [pool.submit(Calculator.meet, 2, patience) for _ in range(2)]
+        assert [f.result(timeout=30) for f in met] == [together, together]
+
+
 def test_statistics_count_every_call_and_survive_a_restart() -> None:
     with PluginPool(Calculator, workers=1) as pool:
         assert sum(pool.map(Calculator.add, range(100), range(100), chunksize=10)) == 9900
