@@ -14,7 +14,6 @@ import anyio.lowlevel
 import rapace
 from rapace import Streaming
 
-
 _barrier_lock = threading.Lock()
 _barrier: threading.Barrier | None = None
 
