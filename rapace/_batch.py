@@ -70,7 +70,11 @@ def with_batching(cls: type) -> type:
                     error = exc
                     break
         else:
-            error = await anyio.to_thread.run_sync(_run_all, function, arguments, results)
+            from rapace.session import HANDLER_THREADS
+
+            error = await anyio.to_thread.run_sync(
+                _run_all, function, arguments, results, limiter=HANDLER_THREADS.get()
+            )
         encoded_error = ErrorPayload.from_exception(error).encode() if error is not None else None
         return codecs.results.encode(results).data, encoded_error
 

@@ -218,8 +218,10 @@ def _is_foreign(python: str | None, command: Sequence[str] | None) -> bool:
         return True
     if python is None:
         return False
+    # Compare where the interpreters are, not what they resolve to: a venv's python is a
+    # link to the base interpreter, but its environment (site-packages) is its own.
     found = shutil.which(python) or python
-    return os.path.realpath(found) != os.path.realpath(sys.executable)
+    return os.path.dirname(os.path.abspath(found)) != os.path.dirname(sys.executable)
 
 
 def _interpreter_roots() -> list[str]:

@@ -970,7 +970,10 @@ class _PoolCore(Generic[S]):
 
         def expand(value: Any) -> tuple[Sequence[Any], BaseException | None]:
             encoded, error = value
-            failure = _remote_exception(error) if error is not None else None
+            failure = None
+            if error is not None:
+                failure = _remote_exception(error)
+                self._stats_errors += 1  # the message succeeded; a call in it failed
             return codec.results.decode(encoded), failure
 
         return parts, expand

@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import secrets
 import time
@@ -846,6 +847,7 @@ class RpcSession:
             assert codecs.request_item is not None
             stream = self._incoming_items(event.channel_id, state, codecs.request_item)
             values.insert(codecs.stream_index, stream)
+        HANDLER_THREADS.set(self._limiter())  # e.g. a map chunk's def calls (rapace._batch)
         method = getattr(self._serve, spec.name)
         if codecs.keyword_only:
             positional, keywords = _split_arguments(spec, values)
@@ -1080,6 +1082,12 @@ async def _raise_call_error(error: BaseException) -> NoReturn:
 def _nbytes(payload: Any) -> int:
     return len(payload) if type(payload) is bytes else memoryview(payload).nbytes
 
+
+#: The limiter of the session running the current handler: code a handler runs in threads
+#: (a chunk of ``def`` calls) takes its threads from it, as the session's own calls do.
+HANDLER_THREADS: contextvars.ContextVar[anyio.CapacityLimiter | None] = contextvars.ContextVar(
+    "rapace_handler_threads", default=None
+)
 
 _DISCARD: Final = codec_for(Any, root="dropped payload")
 # The CBOR heads of the shared-memory tags (0x72617008, 0x72617009): a payload without them

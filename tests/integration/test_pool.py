@@ -467,9 +467,11 @@ def test_map_raises_the_first_error_in_a_loop_too(pool: PluginPool[Calculator]) 
         async for r in pool.map(Calculator.fail_at, [1, 2, 3, 4], [3, 3, 3, 3], chunksize=2):
             got.append(r)  # noqa: PERF401 (what came before the error is the point)
 
+    errors = pool.stats()["errors"]
     with pytest.raises(ValueError, match="3"):
         anyio.run(main)
     assert got == [1, 2]
+    assert pool.stats()["errors"] == errors + 1  # a failed call in a chunk is an error
 
 
 def test_leaving_a_map_early_cancels_the_calls_left() -> None:
@@ -489,15 +491,20 @@ def test_leaving_a_map_early_cancels_the_calls_left() -> None:
 
 
 @pytest.mark.parametrize(("threads", "together"), [(1, False), (None, True)])
+@pytest.mark.parametrize("chunked", [False, True])
 def test_plain_def_methods_run_one_at_a_time_per_worker_by_default(
-    threads: int | None, together: bool
+    threads: int | None, together: bool, chunked: bool
 ) -> None:
     """Like a ProcessPoolExecutor worker (CPU-bound threads only fight over the GIL), unless
-    handler_threads says otherwise."""
+    handler_threads says otherwise; map's chunks of def calls count too."""
     with PluginPool(Calculator, workers=1, handler_threads=threads) as pool:
         patience = 10.0 if together else 0.5
-        met = [pool.submit(Calculator.meet, 2, patience) for _ in range(2)]
-        assert [f.result(timeout=30) for f in met] == [together, together]
+        if chunked:
+            met = list(pool.map(Calculator.meet, [2] * 4, [patience] * 4, chunksize=2))
+            assert met == [together] * 4
+        else:
+            futures = [pool.submit(Calculator.meet, 2, patience) for _ in range(2)]
+            assert [f.result(timeout=30) for f in futures] == [together, together]
 
 
 def test_statistics_count_every_call_and_survive_a_restart() -> None:

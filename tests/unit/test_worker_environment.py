@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from pathlib import Path
 
 import anyio
 import pytest
 
 from rapace._bootstrap import Bootstrap
-from rapace._workers import portable_paths, worker_environment
+from rapace._workers import _is_foreign, portable_paths, worker_environment
 from rapace.shm import SUPPORTED as SHM_SUPPORTED
 from rapace.shm import LinkOffer, LinkOptions, create_link
 
@@ -25,6 +27,19 @@ def test_portable_paths_leave_out_an_interpreters_own_directories() -> None:
         "/opt/py",
     ]
     assert portable_paths(paths, roots) == ["/opt/pyproject", "/home/u/project"]
+
+
+def test_which_interpreters_are_foreign(tmp_path: Path) -> None:
+    """A venv's python links to its base interpreter, yet its packages are its own: where the
+    interpreter is decides, not what it resolves to."""
+    venv_bin = tmp_path / "bin"
+    venv_bin.mkdir()
+    (venv_bin / "python").symlink_to(os.path.realpath(sys.executable))
+    assert _is_foreign(str(venv_bin / "python"), None)
+    assert not _is_foreign(None, None)
+    assert not _is_foreign(sys.executable, None)
+    assert not _is_foreign(os.path.join(os.path.dirname(sys.executable), "python3"), None)
+    assert _is_foreign(None, ["plugin-program"])
 
 
 def test_a_foreign_interpreter_gets_no_standard_library_of_the_host() -> None:
