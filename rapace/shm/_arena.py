@@ -25,6 +25,7 @@ import os
 import struct
 import threading
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -105,6 +106,9 @@ class Arena:
         self._block_size = _round_up(block_size, _BIG_ROUND)
         self._blocks: dict[str, _Block] = {}
         self._lock = threading.Lock()
+        # Frees from leases' finalisers, applied under the lock by whoever holds it next: a
+        # finaliser may run in a garbage collection inside our own critical section.
+        self._pending_frees: deque[tuple[_Block, int, int]] = deque()
         self._start_time = process_start_time(os.getpid()) or 0
         self._in_use = 0
         self._closed = False
@@ -121,6 +125,7 @@ class Arena:
             raise ValueError(f"size must be a non-negative int, not {nbytes!r}")
         size = _round_up(max(nbytes, 1), _ALIGN)
         with self._lock:
+            self._apply_frees()
             if self._closed:
                 raise RuntimeError("the pool is closed: its shared memory takes no new arrays")
             for block in self._blocks.values():
@@ -155,16 +160,28 @@ class Arena:
         return block
 
     def _free(self, block: _Block, offset: int, size: int) -> None:
-        # Runs when the last view of an allocation dies, in whatever thread that happens.
-        with self._lock:
+        # Runs when the last view of an allocation dies, in whatever thread that happens,
+        # maybe in a collection that interrupted this very thread inside the lock: never
+        # wait for the lock here.
+        self._pending_frees.append((block, offset, size))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_frees()
+            finally:
+                self._lock.release()
+
+    def _apply_frees(self) -> None:
+        pending = self._pending_frees
+        while pending:
+            block, offset, size = pending.popleft()
             if block.live.pop(offset, None) is None:
-                return
+                continue
             self._in_use -= size
             if self._closed:
-                return
+                continue
             block.release(offset, size)
             first = next(iter(self._blocks.values()), None)
-            if block.empty and block is not first:
+            if block.empty and block is not first and block.name in self._blocks:
                 self._destroy(block)
 
     def _destroy(self, block: _Block) -> None:
@@ -181,14 +198,19 @@ class Arena:
         if start < 0 or nbytes < 0:
             raise ValueError("negative offset or length in an arena reference")
         with self._lock:
+            self._apply_frees()
             block = self._blocks.get(where)
             if block is None:
                 raise ValueError(f"arena block {where!r} is not this pool's")
             lease, at = None, 0
             for offset, (size, ref) in block.live.items():
-                if offset <= start and start + nbytes <= offset + size:
-                    lease, at = ref(), start - offset
-                    break
+                if offset <= start <= offset + size:
+                    candidate = ref()
+                    # Within what was asked for, not the rounded-up size: an empty view at
+                    # the end of one allocation may be the start of the next.
+                    if candidate is not None and start + nbytes <= offset + len(candidate):
+                        lease, at = candidate, start - offset
+                        break
         if lease is None or at + nbytes > len(lease):
             raise ValueError(f"no arena allocation holds {nbytes} bytes at {start} of {where!r}")
         return view_of(lease, writable)[at : at + nbytes]
@@ -197,6 +219,7 @@ class Arena:
 
     def statistics(self) -> ArenaStatistics:
         with self._lock:
+            self._apply_frees()
             return ArenaStatistics(
                 bytes_in_use=self._in_use,
                 bytes_reserved=sum(b.size for b in self._blocks.values()),

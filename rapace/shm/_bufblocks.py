@@ -241,8 +241,11 @@ class PeerBufferBlocks:
         entry = return_entry(number, generation)
         returns = self._returns
         # Every reference is returned exactly once, when its lease dies.
+        # An empty view still holds a lease (of one byte inside the block), so the return
+        # happens when it dies, like any other.
+        at = min(start, len(mapping) - DATA_AT - 1)
         lease = make_lease(
-            mapping, DATA_AT + start, max(nbytes, 1), None, lambda: returns.append(entry)
+            mapping, DATA_AT + at, max(nbytes, 1), None, lambda: returns.append(entry)
         )
         view = view_of(lease, writable=False)
         return view[:nbytes]

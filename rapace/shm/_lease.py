@@ -86,10 +86,14 @@ def view_of(lease: Lease, writable: bool) -> memoryview:
 
 
 def _address_of_view(view: memoryview) -> int | None:
+    """Where a contiguous view's first byte is (None for what cannot be told cheaply: the
+    caller then copies, which is always correct)."""
+    if not view.c_contiguous:
+        return None
     if not view.readonly:
         try:
             return ctypes.addressof(ctypes.c_char.from_buffer(view))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, BufferError):
             return None
     try:
         import numpy as np
@@ -97,31 +101,33 @@ def _address_of_view(view: memoryview) -> int | None:
         return None
     try:
         return int(np.frombuffer(view, np.uint8).ctypes.data)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, BufferError):
         return None
+
+
+def _lease_under(value: Any) -> Lease | None:
+    """Follow ``.base`` (numpy) and ``.obj`` (memoryview) links down to a lease."""
+    owner = value
+    for _ in range(_MAX_CHAIN):
+        owner = owner.obj if type(owner) is memoryview else getattr(owner, "base", None)
+        if owner is None:
+            return None
+        if getattr(owner, "rapace_region", None) is not None:
+            return owner
+    return None
 
 
 def find_lease(value: Any) -> tuple[Lease, int] | None:
     """The lease ``value`` (a memoryview or a numpy array) is a view of, and where in it
     ``value``'s first byte (element 0 for an array) lies; None if it is no lease's view."""
-    owner: Any
+    if type(value) is memoryview and value.nbytes == 0:
+        return None
+    owner = _lease_under(value)
+    if owner is None:
+        return None
     if type(value) is memoryview:
-        owner = value.obj
-        if getattr(owner, "rapace_region", None) is None or value.nbytes == 0:
-            return None
         address = _address_of_view(value)
     else:
-        owner = value
-        for _ in range(_MAX_CHAIN):
-            owner = getattr(owner, "base", None)
-            if owner is None:
-                return None
-            if type(owner) is memoryview:
-                owner = owner.obj
-            if getattr(owner, "rapace_region", None) is not None:
-                break
-        else:
-            return None
         try:
             address = int(value.__array_interface__["data"][0])
         except (AttributeError, KeyError, TypeError):
