@@ -313,6 +313,7 @@ def _copy_versus_reference(pool: PluginPool[Any], images: Any) -> None:
     blurred = pool.submit(Imaging.blur, private, RADIUS).result()
     copied = pool.stats()["bytes_copied"] - before
     _say(
-        f"  blur(private image): {_mb(copied)} copied into shared memory; the blurred image "
-        f"comes back as a {'writable' if blurred.flags.writeable else 'read-only'} view"
+        f"  blur(private image): {_mb(copied)} copied into shared memory (the image there, "
+        f"the result back, once each); the blurred image comes back as a "
+        f"{'writable' if blurred.flags.writeable else 'read-only'} view"
     )

@@ -181,6 +181,17 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+#: Where a worker of another interpreter finds the host's own paths, and how it appends them
+#: to its sys.path (after its own standard library and packages) before starting.
+FALLBACK_VAR = "RAPACE_FALLBACK_PATH"
+FALLBACK_BOOT = (
+    "import os, runpy, sys; "
+    f"sys.path += [p for p in os.environ.pop({FALLBACK_VAR!r}, '').split(os.pathsep) "
+    "if p and p not in sys.path]; "
+    "runpy.run_module('rapace.worker', run_name='__main__', alter_sys=True)"
+)
+
+
 def worker_environment(
     boot: Bootstrap, extra: Mapping[str, str] | None, workers: int, *, foreign: bool = False
 ) -> dict[str, str]:
@@ -194,7 +205,11 @@ def worker_environment(
     # Workers import what the host imports: its sys.path, first.
     paths = [p for p in sys.path if p]
     if foreign:
+        everything = paths
         paths = portable_paths(paths, _interpreter_roots())
+        # The rest comes after the worker interpreter's own paths (see FALLBACK_BOOT): what
+        # its environment lacks (rapace's dependencies, say) is still found in the host's.
+        env[FALLBACK_VAR] = os.pathsep.join(p for p in everything if p not in paths)
     if os.getcwd() not in paths:
         paths.insert(0, os.getcwd())
     existing = env.get("PYTHONPATH")
@@ -305,13 +320,18 @@ async def launch_worker(
             # at a time.
             extra={"spin": link_options.spin, "handler_threads": handler_threads},
         )
-        argv: Sequence[str] = command or [python or sys.executable, "-m", "rapace.worker"]
+        foreign = _is_foreign(python, command)
+        argv: Sequence[str] = command or (
+            [python, "-c", FALLBACK_BOOT]
+            if python is not None and foreign
+            else [python or sys.executable, "-m", "rapace.worker"]
+        )
         started_at = time.monotonic()
         # Spawned here, synchronously, on purpose: the parent-death signal is tied to the
         # spawning thread, and this is the pool's loop thread, which lives as long as it.
         process = subprocess.Popen(  # noqa: ASYNC220
             argv,
-            env=worker_environment(boot, env, workers, foreign=_is_foreign(python, command)),
+            env=worker_environment(boot, env, workers, foreign=foreign),
             pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

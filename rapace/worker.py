@@ -19,6 +19,7 @@ shared memory the dead host left.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import traceback
@@ -29,6 +30,8 @@ __all__ = ("main",)
 
 # Exit codes the host understands (anything else is a crash).
 EXIT_OK = 0
+# How long a SIGTERMed worker waits to learn whether its host died (see _host_gone).
+_DEATH_GRACE_S = 0.5
 EXIT_START_FAILED = 3
 
 _host_start = 0
@@ -124,7 +127,7 @@ def _watch_host(host_pid: int, death_fd: int) -> None:
     def on_host_death(signum: int, frame: FrameType | None) -> None:
         # SIGTERM: the host died (parent-death signal) or is stopping this worker. Either
         # way leave now and quietly, from here: unwinding the event loop would print.
-        if os.getppid() != host_pid:
+        if _host_gone(host_pid, death_fd):
             _cleanup_after_host(host_pid)
         os._exit(EXIT_OK)
 
@@ -135,6 +138,23 @@ def _watch_host(host_pid: int, death_fd: int) -> None:
     ):
         _cleanup_after_host(host_pid)
         os._exit(EXIT_OK)
+
+
+def _host_gone(host_pid: int, death_fd: int) -> bool:
+    """Whether the SIGTERM came from the host's death rather than from the host.
+
+    The parent-death signal fires when the *thread* that started us exits: during a SIGKILL
+    of the host its other threads may still be exiting, so we are not reparented yet and
+    ``getppid()`` still says the host. Its death pipe reaches EOF once every thread is gone:
+    wait for that, briefly (a host that is alive and stopping us keeps the pipe open).
+    """
+    if os.getppid() != host_pid:
+        return True
+    try:
+        readable, _, _ = select.select([death_fd], [], [], _DEATH_GRACE_S)
+    except (OSError, ValueError):
+        return False
+    return bool(readable)
 
 
 def _cleanup_after_host(host_pid: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -113,6 +114,10 @@ class Calculator:
 
     def environment(self, name: str) -> str | None:
         return os.environ.get(name)
+
+    def prefix(self) -> str:
+        """The worker's environment (sys.prefix)."""
+        return sys.prefix
 
     def threads(self) -> int:
         return threading.active_count()

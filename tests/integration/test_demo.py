@@ -53,8 +53,8 @@ def test_demo_runs_end_to_end() -> None:
             "  bytes passed by reference (zero-copy)   189.0 MB\n",
             "  bytes copied into shared memory         0.0 MB\n",
             "  level 1: 512x512 (786,432 bytes, a read-only view)",
-            "blur(private image): 3.1 MB copied into shared memory; the blurred image comes "
-            "back as a read-only view",
+            "blur(private image): 6.3 MB copied into shared memory (the image there, the "
+            "result back, once each); the blurred image comes back as a read-only view",
         ]
     missing = [line for line in expected if line not in out]
     assert not missing, f"missing {missing} in:\n{out}"

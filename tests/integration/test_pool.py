@@ -601,12 +601,26 @@ def test_a_pool_dropped_without_shutdown_stops_its_workers() -> None:
                 os.close(fd)
 
 
-def test_workers_can_run_another_interpreter() -> None:
-    """python= starts the workers with that interpreter (here the venv's base Python, which
-    imports rapace through the inherited sys.path)."""
-    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    with PluginPool(Calculator, workers=1, python=base) as pool:
+def test_workers_can_run_another_interpreter(tmp_path: Path) -> None:
+    """python= starts the workers with that interpreter: here another virtual environment,
+    with rapace "installed" (a .pth file pointing at the host's packages). Its own paths
+    come first; the host's interpreter paths are only a fallback after them."""
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = venv / "lib" / version / "site-packages"
+    host_site = [p for p in sys.path if p.endswith("site-packages")]
+    (site_packages / "host_packages.pth").write_text("\n".join(host_site) + "\n")
+    python = str(venv / "bin" / "python")
+    with PluginPool(Calculator, workers=1, python=python) as pool:
         assert pool.submit(Calculator.add, 1, 2).result(timeout=30) == 3
+        prefix = pool.submit(Calculator.prefix).result(timeout=30)
+    assert Path(prefix).resolve() == venv.resolve()
 
 
 def test_a_by_value_class_for_another_python_version_is_refused(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ def test_leaks_fd():
 """,
     "segment": """
 from multiprocessing import resource_tracker, shared_memory
+# The tracker is a process of its own: started before the test, it is not the test's leak.
+resource_tracker.ensure_running()
 def test_leaks_segment():
     global seg
     seg = shared_memory.SharedMemory(name="rapace-leaktest", create=True, size=4096)
