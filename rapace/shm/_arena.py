@@ -181,7 +181,9 @@ class Arena:
                 continue
             block.release(offset, size)
             first = next(iter(self._blocks.values()), None)
-            if block.empty and block is not first and block.name in self._blocks:
+            # The first block stays for reuse, unless it was made for one big allocation.
+            keep = block is first and block.size <= self._block_size
+            if block.empty and not keep and block.name in self._blocks:
                 self._destroy(block)
 
     def _destroy(self, block: _Block) -> None:
@@ -234,6 +236,8 @@ class Arena:
             blocks = list(self._blocks.values())
             self._blocks.clear()
         for block in blocks:
+            # Marked dead too: workers still running forget their map of it.
+            struct.pack_into("<I", block.mapping, _STATE_AT, _DEAD)
             _remove(block)
 
 

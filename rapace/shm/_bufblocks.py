@@ -69,8 +69,8 @@ def _capacity_for(nbytes: int) -> int:
 
 
 class OwnBlock:
-    """One of this side's blocks: its number and name (fixed for its life), its mapping
-    (the fd is closed once mapped: a link may keep hundreds of blocks) and capacity."""
+    """One of this side's blocks: its number and name (fixed for its life), its mapping and
+    capacity. (The segment's fd is closed once mapped; Python's mmap keeps a duplicate.)"""
 
     __slots__ = ("capacity", "mapping", "name", "number")
 
@@ -108,8 +108,10 @@ class BufferBlocks:
     def may_lend(self, nbytes: int) -> bool:
         """Whether another block of ``nbytes`` may be lent now (see :data:`MAX_IN_FLIGHT`)."""
         lent = self._in_flight
+        # Counted as lent ones are, by capacity (a reused block may be larger still).
         return not lent or (
-            len(lent) < MAX_IN_FLIGHT and self._lent_bytes + nbytes <= MAX_IN_FLIGHT_BYTES
+            len(lent) < MAX_IN_FLIGHT
+            and self._lent_bytes + _capacity_for(nbytes) <= MAX_IN_FLIGHT_BYTES
         )
 
     def acquire(self, nbytes: int) -> OwnBlock:

@@ -67,7 +67,9 @@ class SharedBuffers:
             region = lease.rapace_region
             if region.shared:
                 self._stats.bytes_by_reference += view.nbytes
-                return shared_bytes_tag(region.where, region.offset + at, view.nbytes, True)
+                return shared_bytes_tag(
+                    region.where, region.offset + at, view.nbytes, not view.readonly
+                )
         nbytes = view.nbytes
         if nbytes < self.threshold:
             return None
@@ -92,7 +94,9 @@ class SharedBuffers:
             region = lease.rapace_region
             if region.shared:
                 self._stats.bytes_by_reference += array.nbytes
-                return shared_array_tag(region.where, region.offset + at, array, True)
+                # A read-only view of shared memory stays read-only on the other side.
+                writable = bool(array.flags.writeable)
+                return shared_array_tag(region.where, region.offset + at, array, writable)
         nbytes = array.nbytes
         if nbytes < self.threshold:
             return None

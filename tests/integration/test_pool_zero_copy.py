@@ -77,6 +77,15 @@ def test_any_view_of_arena_memory_is_shared(pool: PluginPool[Imaging], view: obj
     np.testing.assert_array_equal(base, expected)
 
 
+def test_a_read_only_view_of_arena_memory_stays_read_only(pool: PluginPool[Imaging]) -> None:
+    base = pool.zeros((8, 8), dtype="uint8")
+    frozen = base[2:4]
+    frozen.flags.writeable = False
+    writable, _, _ = pool.submit(Imaging.describe, frozen).result()
+    assert not writable  # shared, but the caller said nobody writes through this view
+    assert pool.submit(Imaging.describe, base).result()[0]
+
+
 def test_a_pool_buffer_is_shared_without_numpy_types(pool: PluginPool[Imaging]) -> None:
     buf = pool.buffer(1000)
     assert isinstance(buf, memoryview)

@@ -252,6 +252,28 @@ async def test_arrays_round_trip_by_copy(array: np.ndarray[Any, Any]) -> None:
         assert link.server.stats.bytes_copied == (array.nbytes if large else 0)
 
 
+async def test_large_arrays_are_made_contiguous_by_their_one_copy() -> None:
+    base = np.arange(8 * THRESHOLD // 8, dtype=np.float64).reshape(64, -1)
+    cases = [
+        (base, 0),  # C order
+        (np.asfortranarray(base), 0),  # F order: copied as it is
+        (base.T, 0),  # F-contiguous too
+        (base[::2], 1),
+        (base[:, ::-1], 1),
+        (base[::-1, ::3].T, 1),
+        (base[:1, ::2], 0),  # non-contiguous but small: in the payload
+    ]
+    async with linked() as link:
+        for array, made in cases:
+            before = counters(link.client)
+            back = await link.proxy.echo(array)
+            assert same(array, back)
+            copied, _, made_contiguous = counters(link.client)
+            assert made_contiguous - before[2] == made
+            assert copied - before[0] == (array.nbytes if array.nbytes >= THRESHOLD else 0)
+            del back
+
+
 @examples
 @given(
     size=st.one_of(

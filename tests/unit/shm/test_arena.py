@@ -700,3 +700,30 @@ def test_the_map_sees_a_new_block_after_the_host_grew(arena: Arena, arena_map: A
         view = arena_map.resolve(region.where, region.offset, 8, False)
         assert struct.unpack("<Q", view)[0] == region.offset + 12345
         del big, view
+
+
+def test_a_first_block_made_for_one_big_allocation_goes_with_it() -> None:
+    arena = Arena(2 << 20)
+    try:
+        big = arena.allocate(5 << 20)  # larger than a block: a block of its own, the first
+        assert arena.statistics().blocks == 1
+        del big
+        assert arena.statistics().blocks == 0
+        small = arena.allocate(10)
+        assert arena.statistics().bytes_reserved == 2 << 20
+        del small
+    finally:
+        arena.close()
+
+
+def test_closing_the_arena_marks_its_blocks_dead_for_workers() -> None:
+    arena = Arena(2 << 20)
+    lease = arena.allocate(64)
+    region = lease.rapace_region
+    worker = ArenaMap(os.getpid())
+    assert worker.resolve(region.where, region.offset, 8, True).nbytes == 8
+    arena.close()
+    with pytest.raises(ValueError, match="live arena block|cannot be mapped"):
+        worker.resolve(region.where, region.offset, 8, True)
+    worker.close()
+    del lease

@@ -417,8 +417,10 @@ def test_lending_stops_at_max_in_flight_bytes(link: Link, monkeypatch: pytest.Mo
     monkeypatch.setattr(bufblocks, "MAX_IN_FLIGHT_BYTES", limit)
     assert link.owner.may_lend(100 * limit)  # nothing lent: one oversized block is allowed
     number, generation = link.send(b"q")  # a 1-byte buffer lends a whole 64 KiB block
-    assert link.owner.may_lend(limit - MIN_CAPACITY)
-    assert not link.owner.may_lend(limit - MIN_CAPACITY + 1)
+    # Blocks count by capacity (a power of two): 64 KiB lent + a 128 KiB block fit in 256 KiB,
+    # one byte more needs a 256 KiB block, which does not.
+    assert link.owner.may_lend(2 * MIN_CAPACITY)
+    assert not link.owner.may_lend(2 * MIN_CAPACITY + 1)
     assert not link.owner.may_lend(100 * limit)  # not beside another one
     link.owner.release(BUFFER_CLASS << CLASS_SHIFT | number, generation)
     assert link.owner.may_lend(100 * limit)
