@@ -723,7 +723,7 @@ def test_closing_the_arena_marks_its_blocks_dead_for_workers() -> None:
     worker = ArenaMap(os.getpid())
     assert worker.resolve(region.where, region.offset, 8, True).nbytes == 8
     arena.close()
-    with pytest.raises(ValueError, match="live arena block|cannot be mapped"):
+    with pytest.raises(ValueError, match=r"live arena block|cannot be mapped"):
         worker.resolve(region.where, region.offset, 8, True)
     worker.close()
     del lease
