@@ -1094,7 +1094,10 @@ class _PoolCore(Generic[S]):
                 finally:
                     slot.in_flight -= 1
             if scope.cancelled_caught:
-                stream._finish(TimeoutError(f"{spec.qualified_name}: the deadline passed"))
+                if stream._closed:
+                    stream._finish()  # closed by its reader: it just ends, like a generator
+                else:
+                    stream._finish(TimeoutError(f"{spec.qualified_name}: the deadline passed"))
         except Exception as exc:
             stream._finish(exc)
         finally:

@@ -25,11 +25,23 @@ class Calculator:
         self.offset = offset
         self.cancelled = 0
         self._cancelled_event: anyio.Event | None = None
+        self._counted: anyio.Event | None = None  # set (and replaced) at each cancellation
 
     def _cancelled(self) -> anyio.Event:
         if self._cancelled_event is None:  # created on the worker's loop, on first use
             self._cancelled_event = anyio.Event()
+        if self._counted is not None:
+            self._counted.set()
+            self._counted = None
         return self._cancelled_event
+
+    async def wait_cancellations(self, n: int) -> int:
+        """Return once at least ``n`` cancellations happened in this worker."""
+        while self.cancelled < n:
+            if self._counted is None:
+                self._counted = anyio.Event()
+            await self._counted.wait()
+        return self.cancelled
 
     async def add(self, a: int, b: int) -> int:
         return a + b + self.offset

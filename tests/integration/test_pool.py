@@ -103,13 +103,18 @@ def test_breaking_out_of_a_stream_loop_cancels_the_producer() -> None:
         for first in pool.proxy.forever():
             assert first == 0
             break
-        assert pool.submit(Calculator.wait_cancelled).result(timeout=10) == 1
+        assert pool.submit(Calculator.wait_cancellations, 1).result(timeout=10) == 1
+        closed = pool.proxy.forever()
+        assert next(closed) == 0
+        closed.close()
+        assert all(isinstance(x, int) for x in closed)  # what was read ahead, then the end
+        assert pool.submit(Calculator.wait_cancellations, 2).result(timeout=10) == 2
 
         async def leave_early() -> None:
             stream = pool.proxy.forever()  # still referenced after the loop
             async for _ in stream:
                 break
-            assert await pool.proxy.wait_cancelled() == 2
+            assert await pool.proxy.wait_cancellations(3) == 3
 
         anyio.run(leave_early)
     # and the pool shut down: no call was left in flight
