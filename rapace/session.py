@@ -892,9 +892,8 @@ class RpcSession:
 class RemoteStream(Generic[T]):
     """The results of a streaming call: an async iterator with ``aclose()``.
 
-    The call starts on the first ``__anext__``. Leaving an ``async for`` early does not
-    close an async iterator by itself: use ``async with`` or ``aclose()`` (or let it be
-    collected) to cancel the producer promptly.
+    The call starts on the first ``__anext__``. Leaving an ``async for`` early (``break``,
+    an exception) cancels the producer, as do ``aclose()`` and leaving ``async with``.
     """
 
     def __init__(
@@ -914,8 +913,8 @@ class RemoteStream(Generic[T]):
         self._codec = _codecs(spec).response_item
         self._timeout_at = math.inf  # call_timeout, on anyio's clock, once started
 
-    def __aiter__(self) -> Self:
-        return self
+    def __aiter__(self) -> AsyncIterator[T]:
+        return _RemoteLoop(self)
 
     async def __aenter__(self) -> Self:
         return self
@@ -990,6 +989,10 @@ class RemoteStream(Generic[T]):
 
     async def aclose(self) -> None:
         """Stop the stream; if the call is still running, cancel it on the peer."""
+        self.close_now()
+
+    def close_now(self) -> None:
+        """:meth:`aclose` without awaiting (it never needs to); from the session's loop."""
         self._finished = True
         if self._pump_scope is not None:
             self._pump_scope.cancel()
@@ -1004,6 +1007,27 @@ class RemoteStream(Generic[T]):
             with contextlib.suppress(RapaceError):
                 session._wire.cancel(state.channel_id, CancelReason.CLIENT_CANCEL)
             session._kick()
+
+
+class _RemoteLoop(Generic[T]):
+    """What an ``async for`` over a :class:`RemoteStream` iterates: only the loop holds it,
+    so leaving the loop drops it, and that closes the stream (a no-op once it ended)."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: RemoteStream[T]) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        return await self._stream.__anext__()
+
+    def __del__(self) -> None:
+        stream = self._stream
+        if not stream._finished and stream._state is not None:
+            stream.close_now()
 
 
 class _InvalidArgument(RapaceError, ValueError):

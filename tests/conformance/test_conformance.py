@@ -174,6 +174,19 @@ async def test_closing_a_stream_cancels_the_producer(connect: Connect) -> None:
             assert await calc.add(1, 1) == 2
 
 
+async def test_breaking_out_of_a_stream_loop_cancels_the_producer(connect: Connect) -> None:
+    """A bare ``break`` (no ``async with``, no ``aclose``) cancels the producer too, even
+    while the stream object is still referenced."""
+    with anyio.fail_after(10):
+        async with connect(Conformance) as calc:
+            stream = calc.produce(16)
+            async for _ in stream:
+                break
+            await calc.wait_cancelled()
+            assert await calc.add(1, 1) == 2
+            del stream
+
+
 async def test_concurrent_streams_of_large_items_keep_flowing(connect: Connect) -> None:
     """8 streams of 256 KiB items at once (more than a window, more than the shm transport's
     large slots) all flow, and closing them early stops producers that never await."""
