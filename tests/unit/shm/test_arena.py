@@ -7,8 +7,9 @@ are made, written with a pattern, resolved and dropped in any order, and after e
 * live allocations never overlap (by address, and by block and offset) and keep their own
   bytes: writing one never changes another;
 * the statistics match the model (bytes in use, allocations, blocks, bytes reserved);
-* the first block stays, any other block exists (in ``/dev/shm``) exactly while something in
-  it is allocated; an allocation larger than a block gets a block of its own;
+* the first block of the arena's size stays, any other block exists (in ``/dev/shm``)
+  exactly while something in it is allocated; an allocation larger than a block gets a block
+  of its own (gone when freed, even if it was the first);
 * ``resolve`` of a range inside a live allocation is a view of that memory which keeps the
   allocation alive on its own, and of anything else (another range, a freed allocation, a
   block that is not the arena's) is ValueError.
@@ -127,7 +128,9 @@ class ArenaMachine(RuleBasedStateMachine):
         self.arena = Arena(BLOCK)
         self.live: dict[int, Allocation] = {}
         self.freed: list[tuple[str, int, int]] = []  # (where, offset, length) of dropped ones
-        self.first: str | None = None
+        self.first: str | None = None  # the first block ever (for draws: anything appeared)
+        self.existing: list[str] = []  # blocks that exist now, in the order they appeared
+        self.sizes: dict[str, int] = {}  # each block's data size, read when it appeared
         self.seen: list[str] = []  # every block name, in the order they appeared
         self.count = 0
 
@@ -137,10 +140,7 @@ class ArenaMachine(RuleBasedStateMachine):
         gc.collect()
 
     def blocks_in_use(self) -> set[str]:
-        names = {a.where for a in self.live.values()}
-        if self.first is not None:
-            names.add(self.first)
-        return names
+        return set(self.existing)
 
     def pick(self, data: st.DataObject) -> tuple[int, Allocation]:
         key = data.draw(st.sampled_from(sorted(self.live)), label="allocation")
@@ -164,6 +164,9 @@ class ArenaMachine(RuleBasedStateMachine):
             assert data_bytes(region.where) >= region.offset + rounded(nbytes)
         if region.where not in self.seen:
             self.seen.append(region.where)
+        if region.where not in self.existing:
+            self.existing.append(region.where)
+            self.sizes[region.where] = data_bytes(region.where)
         if self.first is None:
             self.first = region.where
         self.count += 1
@@ -186,6 +189,11 @@ class ArenaMachine(RuleBasedStateMachine):
         del self.live[key]
         self.freed.append((allocation.where, allocation.offset, allocation.length))
         allocation.holder = None  # the last reference: freed by reference counting
+        where = allocation.where
+        if not any(a.where == where for a in self.live.values()):
+            # Emptied: kept only if it is the arena's first block and of the usual size.
+            if not (self.existing[0] == where and self.sizes[where] == BLOCK):
+                self.existing.remove(where)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), writable=st.booleans())
