@@ -190,10 +190,10 @@ class ArenaMachine(RuleBasedStateMachine):
         self.freed.append((allocation.where, allocation.offset, allocation.length))
         allocation.holder = None  # the last reference: freed by reference counting
         where = allocation.where
-        if not any(a.where == where for a in self.live.values()):
-            # Emptied: kept only if it is the arena's first block and of the usual size.
-            if not (self.existing[0] == where and self.sizes[where] == BLOCK):
-                self.existing.remove(where)
+        emptied = not any(a.where == where for a in self.live.values())
+        # An emptied block is kept only if it is the arena's first and of the usual size.
+        if emptied and not (self.existing[0] == where and self.sizes[where] == BLOCK):
+            self.existing.remove(where)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), writable=st.booleans())
