@@ -12,12 +12,13 @@ results before it and the exception.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import anyio
 
-from rapace._errors import Unimplemented
+from rapace._errors import DecodeError, Unimplemented
 from rapace.service import MethodSpec, extend_service, service_spec
 from rapace.wire import ErrorPayload, TypeCodec, codec_for
 
@@ -30,13 +31,37 @@ _codecs: dict[int, tuple[MethodSpec, BatchCodecs]] = {}
 
 
 class BatchCodecs:
-    """Codecs for a chunk of one method: its argument tuples and its results, as lists."""
+    """Codecs for a chunk of one method: its calls and its results.
+
+    The calls travel by column, ``[count, [a1, a2, ...], [b1, b2, ...]]``: a list of plain
+    values is checked and encoded at C speed, where a list of argument tuples costs a
+    container and a type check per call (measured: most of a chunk's encoding time).
+    """
 
     def __init__(self, spec: MethodSpec) -> None:
         value_types = tuple(p.annotation for p in spec.value_params)
-        args_type = tuple[value_types] if value_types else tuple[()]  # type: ignore[valid-type]
-        self.calls: TypeCodec[list[tuple[Any, ...]]] = codec_for(list[args_type], root="calls")  # type: ignore[valid-type]
+        column_types: tuple[Any, ...] = (int, *(list.__class_getitem__(t) for t in value_types))
+        columns: Any = tuple.__class_getitem__(column_types)
+        self._calls: TypeCodec[tuple[Any, ...]] = codec_for(columns, root="calls")
+        self._width = len(value_types)
         self.results: TypeCodec[list[Any]] = codec_for(list[spec.returns], root="results")  # type: ignore[name-defined]
+
+    def encode_calls(self, calls: Sequence[tuple[Any, ...]]) -> bytes:
+        """A chunk's argument tuples (each complete, in declaration order) as one payload."""
+        return self._calls.encode((len(calls), *map(list, zip(*calls, strict=True)))).data
+
+    def decode_calls(self, data: bytes) -> list[tuple[Any, ...]]:
+        """The argument tuples of a chunk.
+
+        Raises:
+            DecodeError: malformed, or columns of different lengths.
+        """
+        count, *columns = self._calls.decode(data)
+        if any(len(column) != count for column in columns):
+            raise DecodeError("calls: the columns of a chunk differ in length")
+        if not columns:
+            return [()] * count
+        return list(zip(*columns, strict=True))
 
 
 def batch_codecs(spec: MethodSpec) -> BatchCodecs:
@@ -58,14 +83,22 @@ def with_batching(cls: type) -> type:
         if method is None or method.kind.handler_streams or method.kind.caller_streams:
             raise Unimplemented(f"{spec.name} has no unary method with id {method_id:#x}")
         codecs = batch_codecs(method)
-        arguments = codecs.calls.decode(calls)
+        arguments = codecs.decode_calls(calls)
         function = getattr(self, method.name)
         results: list[Any] = []
         error: BaseException | None = None
         if inspect.iscoroutinefunction(function):
             for args in arguments:
                 try:
-                    results.append(await function(*args))
+                    # Most handlers of small calls never suspend: run each one step by
+                    # hand and only hand it to the event loop if it does (~0.5 us a call).
+                    coroutine = function(*args)
+                    try:
+                        suspended = coroutine.send(None)
+                    except StopIteration as finished:
+                        results.append(finished.value)
+                        continue
+                    results.append(await _resume(coroutine, suspended))
                 except Exception as exc:
                     error = exc
                     break
@@ -90,6 +123,25 @@ class _BatchSignature:
 
     async def rapace_batch(self, method_id: int, calls: bytes) -> tuple[bytes, bytes | None]:
         raise NotImplementedError
+
+
+@types.coroutine
+def _resume(coroutine: Any, suspended: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coroutine``, which already ran up to yielding ``suspended`` to the
+    event loop: what ``await`` would have done from there (sends and throws passed on)."""
+    while True:
+        try:
+            sent = yield suspended
+        except BaseException as exc:  # a cancellation, delivered to the coroutine
+            try:
+                suspended = coroutine.throw(exc)
+            except StopIteration as finished:
+                return finished.value
+        else:
+            try:
+                suspended = coroutine.send(sent)
+            except StopIteration as finished:
+                return finished.value
 
 
 def _run_all(

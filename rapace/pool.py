@@ -217,6 +217,8 @@ class _PoolCore(Generic[S]):
         # it (task groups need a running task to spawn from, callbacks are not one).
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._inbox_wake: anyio.Event | None = None
+        self._handover: collections.deque[Callable[[], None]] = collections.deque()
+        self._handover_scheduled = False
         self._spawn_in_callbacks = False
         self._waiting: set[Future[Any]] = set()
         self._processes = _Processes()
@@ -363,10 +365,36 @@ class _PoolCore(Generic[S]):
         loop = self._check_open()
         if loop.in_loop_thread() and _in_task():
             start()
-        elif self._spawn_in_callbacks:
-            loop.call_soon(start)
-        else:
-            loop.call_soon(self._enqueue, start)
+            return
+        # Calls submitted in a burst (64 futures, a map) share one wake-up of the loop's
+        # thread: only the first of them schedules the hand-over, which takes them all.
+        self._handover.append(start)
+        if not self._handover_scheduled:
+            self._handover_scheduled = True
+            try:
+                loop.call_soon(self._take_handover)
+            except BaseException:  # the loop is gone
+                self._handover_scheduled = False
+                raise
+
+    def _take_handover(self) -> None:
+        # Cleared before taking: a start appended meanwhile is either taken below or
+        # schedules a hand-over of its own (see _run_soon).
+        self._handover_scheduled = False
+        handover = self._handover
+        while handover:
+            start = handover.popleft()
+            try:
+                if self._spawn_in_callbacks:
+                    start()
+                else:
+                    self._enqueue(start)
+            except BaseException:
+                if handover:  # the others still go
+                    self._handover_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._take_handover)
+                raise
 
     def _enqueue(self, start: Callable[[], None]) -> None:
         self._inbox.append(start)
@@ -757,6 +785,20 @@ class _PoolCore(Generic[S]):
         self._run_soon(lambda: self._start_call(spec, args, kwargs, future, remaining))
         return future
 
+    def _call_many(self, spec: MethodSpec, calls: Sequence[tuple[Any, ...]]) -> list[Future[Any]]:
+        """Many calls of one method without a stream argument, handed to the pool's loop in
+        one go: one wake-up of its thread instead of one per call (map's many parts)."""
+        loop = self._loop
+        futures: list[Future[Any]] = [Future(loop) for _ in calls]
+        remaining = _remaining_time()
+
+        def start_all() -> None:
+            for args, future in zip(calls, futures, strict=True):
+                self._start_call(spec, args, {}, future, remaining)
+
+        self._run_soon(start_all)
+        return futures
+
     def _bridge_stream_argument(
         self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -941,7 +983,14 @@ class _PoolCore(Generic[S]):
                 # (A plugin program serves its own class, without the batch method.)
                 parts, expand = self._submit_chunks(method, calls, chunksize)
             else:
-                parts, expand = [self.submit(method, *args) for args in calls], single
+                spec = self._method(method)
+                if spec.kind.handler_streams:
+                    raise TypeError(f"map() takes unary methods; {spec.qualified_name} streams")
+                if spec.stream_param is None:
+                    parts = self._call_many(spec, calls)
+                else:  # a client-streaming method: each stream argument may need a bridge
+                    parts = [self.submit(method, *args) for args in calls]
+                expand = single
         except BaseException:
             if bar is not None:
                 bar.close()
@@ -959,14 +1008,18 @@ class _PoolCore(Generic[S]):
             raise TypeError(f"map() takes unary methods; {spec.qualified_name} streams")
         codec = batch_codecs(spec)
         batch = self._batch_spec()
-        bound = [tuple(_bind(spec, args, {})) for args in calls]
-        parts = []
-        for i in range(0, len(bound), chunksize):
-            chunk = bound[i : i + chunksize]
-            part = self._call(batch, (spec.method_id, codec.calls.encode(chunk).data), {})
+        arity = len(spec.params)
+        if all(len(args) == arity for args in calls):
+            bound = calls  # positional and complete, the usual case: nothing to bind
+        else:
+            bound = [tuple(_bind(spec, args, {})) for args in calls]
+        chunks = [bound[i : i + chunksize] for i in range(0, len(bound), chunksize)]
+        parts = self._call_many(
+            batch, [(spec.method_id, codec.encode_calls(chunk)) for chunk in chunks]
+        )
+        for part, chunk in zip(parts, chunks, strict=True):
             # The pool counts the message as one call when it ends: count the rest of it.
             part.add_done_callback(functools.partial(self._count_calls, len(chunk) - 1))
-            parts.append(part)
 
         def expand(value: Any) -> tuple[Sequence[Any], BaseException | None]:
             encoded, error = value

@@ -527,6 +527,26 @@ def test_statistics_count_every_call_and_survive_a_restart() -> None:
         assert after[key] >= before[key], key  # the dead worker's link still counts
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_chunks_of_handlers_that_suspend_run_and_cancel(backend: str) -> None:
+    """A chunk steps its async calls by hand until one suspends; that one must still be
+    awaited (and cancelled) like any other."""
+    with PluginPool(Calculator, workers=1) as pool:
+        assert list(pool.map(Calculator.sleep, [0.0, 0.001, 0.0], chunksize=3)) == [
+            0.0,
+            0.001,
+            0.0,
+        ]
+
+        async def main() -> None:
+            with pytest.raises(TimeoutError):
+                async for _ in pool.map(Calculator.sleep, [0.0, 30.0], chunksize=2, timeout=0.3):
+                    pass
+
+        anyio.run(main, backend=backend)
+        assert pool.submit(Calculator.wait_cancellations, 1).result(timeout=10) >= 1
+
+
 def test_map_with_a_progress_bar_without_tqdm(
     pool: PluginPool[Calculator],
     monkeypatch: pytest.MonkeyPatch,
