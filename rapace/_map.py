@@ -80,11 +80,6 @@ class MapResults(Generic[T]):
         return self
 
     def __next__(self) -> T:
-        ready = self._ready
-        if ready:  # most results of a chunked map: handed out here, no waiting
-            if self._progress is not None:
-                self._progress.update(1)
-            return ready.popleft()  # type: ignore[no-any-return]
         while not self._ready:
             self._raise_failure()
             try:

@@ -8,9 +8,9 @@ the first time it sees one, so workers started later need no announcement, and c
 block's header and every bound before making a view.
 
 Blocks grow on demand: the first is :data:`DEFAULT_BLOCK` bytes, an allocation that fits no
-block gets a block of its own, and a block other than the first is removed as soon as
-nothing in it is allocated (its header is marked dead first, so workers drop their mapping
-the next time they look).
+block gets a block of its own, and any block but a first of the usual size is removed as
+soon as nothing in it is allocated (its header is marked dead first, so workers drop their
+mapping the next time they look).
 
 Arena memory is shared by design: a worker may write into a buffer it received and the host
 sees the writes when the call returns. It is lent, not owned: a worker must not keep views
@@ -19,7 +19,6 @@ of it after the call (the host may free and reuse it once the user's own array i
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import struct
@@ -31,7 +30,7 @@ from typing import Final
 
 from rapace.shm._cleanup import process_start_time
 from rapace.shm._lease import Lease, Region, make_lease, view_of
-from rapace.shm._segment import Segment, owner_of, shm_unlink
+from rapace.shm._segment import Segment, owner_of, remove_mapped
 
 __all__ = ("DEFAULT_BLOCK", "Arena", "ArenaMap", "ArenaStatistics")
 
@@ -189,7 +188,7 @@ class Arena:
     def _destroy(self, block: _Block) -> None:
         del self._blocks[block.name]
         struct.pack_into("<I", block.mapping, _STATE_AT, _DEAD)
-        _remove(block)
+        remove_mapped(block.name, block.mapping)
 
     # -- references back from a worker ------------------------------------------------------
 
@@ -238,14 +237,7 @@ class Arena:
         for block in blocks:
             # Marked dead too: workers still running forget their map of it.
             struct.pack_into("<I", block.mapping, _STATE_AT, _DEAD)
-            _remove(block)
-
-
-def _remove(block: _Block) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shm_unlink(block.name)
-    with contextlib.suppress(BufferError):  # views are alive: unmapped when they die
-        block.mapping.close()
+            remove_mapped(block.name, block.mapping)
 
 
 class ArenaMap:

@@ -19,7 +19,6 @@ about 50 per side of a link.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import secrets
@@ -31,7 +30,7 @@ from typing import Final
 from rapace._errors import RemoteProtocolError, Status
 from rapace.shm._cleanup import process_start_time
 from rapace.shm._lease import make_lease, view_of
-from rapace.shm._segment import Segment, segment_name, shm_unlink
+from rapace.shm._segment import Segment, remove_mapped, segment_name
 from rapace.shm._slots import CLASS_SHIFT, INDEX_MASK
 
 __all__ = ("BUFFER_CLASS", "DATA_AT", "BufferBlocks", "OwnBlock", "PeerBufferBlocks")
@@ -198,10 +197,7 @@ class BufferBlocks:
 
 def _destroy(block: OwnBlock) -> None:
     struct.pack_into("<I", block.mapping, _GENERATION_AT, _DEAD)
-    with contextlib.suppress(FileNotFoundError):
-        shm_unlink(block.name)
-    with contextlib.suppress(BufferError):  # a copy in progress elsewhere: unmapped by GC
-        block.mapping.close()
+    remove_mapped(block.name, block.mapping)
 
 
 def return_entry(number: int, generation: int) -> int:

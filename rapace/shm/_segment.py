@@ -38,6 +38,7 @@ __all__ = (
     "Segment",
     "SegmentSpaceError",
     "owner_of",
+    "remove_mapped",
     "segment_name",
     "shm_unlink",
 )
@@ -167,17 +168,6 @@ class Segment:
         os.close(self._fd)
         self._fd = -1
 
-    def close_when_unused(self) -> None:
-        """Close the fd, and unmap unless leases still view the memory: then the mapping goes
-        when the last of them dies (rapace never unmaps memory it handed out). Idempotent."""
-        if self._fd < 0:
-            return
-        self.buffer.release()
-        with contextlib.suppress(BufferError):
-            self._map.close()
-        os.close(self._fd)
-        self._fd = -1
-
     def detach(self) -> mmap.mmap:
         """Close the fd and hand the mapping over to the caller, who keeps it as long as it is
         needed (the memory is unmapped when the last reference to it goes)."""
@@ -242,6 +232,14 @@ def _mib(n: int) -> str:
 def _unlink_quietly(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         shm_unlink(name)
+
+
+def remove_mapped(name: str, mapping: mmap.mmap) -> None:
+    """Remove segment ``name`` and unmap it, unless leases still view the memory: then the
+    mapping goes when the last of them dies (rapace never unmaps memory it handed out)."""
+    _unlink_quietly(name)
+    with contextlib.suppress(BufferError):
+        mapping.close()
 
 
 def shm_unlink(name: str) -> None:

@@ -283,18 +283,20 @@ def _enc_bytes(v: Any, st: OOB | None) -> object:
         return mv.tobytes()
     if mv.c_contiguous and (mv.format != "B" or mv.ndim != 1):
         mv = mv.cast("B")
-    if st.placer is not None and mv.c_contiguous:
+    if st.placer is not None:
+        copy = None
+        if not mv.c_contiguous:  # never shared memory's own layout: one copy either way
+            copy = mv.tobytes()
+            mv = memoryview(copy)
         # Shared memory is referenced whatever its size; other buffers only when large.
         placed = st.placer.place_bytes(mv)
         if placed is not None:
             return placed
+        return copy if copy is not None else mv.tobytes()
     if mv.nbytes < st.thr:
         return mv.tobytes()
     if not mv.c_contiguous:
         mv = memoryview(mv.tobytes())
-    if st.placer is not None:
-        placed = st.placer.place_bytes(mv)
-        return mv.tobytes() if placed is None else placed
     return _CBORTag(TAG_OOB_BYTES, (st.add(mv), mv.nbytes))
 
 
