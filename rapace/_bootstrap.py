@@ -65,17 +65,7 @@ class Bootstrap:
     def open_transport(self) -> Any:
         """The worker's end of the link (a Transport), before any I/O."""
         if self.transport == "shm":
-            from rapace.shm import attach_link
-            from rapace.shm._arena import ArenaMap
-
-            spin = self.extra.get("spin")
-            transport = attach_link(
-                self.link,
-                peer_liveness_fd=self.death_fd,
-                **({"spin": float(spin)} if spin is not None else {}),
-            )
-            transport.buffers.arena = ArenaMap(self.host_pid)  # maps blocks as referenced
-            return transport
+            return self._attach(self.link)
         if self.transport == "unix":
             from rapace.streams._stream_transport import StreamTransport
             from rapace.streams._unix import UnixByteStream
@@ -85,6 +75,24 @@ class Bootstrap:
         if self.transport == "tcp":
             return _LazyTcp(self.link, self.token)
         raise SystemExit(f"rapace.worker: unknown transport {self.transport!r}")
+
+    def open_lane(self) -> Any:
+        """The worker's end of its direct lane (rapace._lane), or None without one."""
+        lane = self.extra.get("lane")
+        return self._attach(lane) if self.transport == "shm" and lane else None
+
+    def _attach(self, offer: str) -> Any:
+        from rapace.shm import attach_link
+        from rapace.shm._arena import ArenaMap
+
+        spin = self.extra.get("spin")
+        transport = attach_link(
+            offer,
+            peer_liveness_fd=self.death_fd,
+            **({"spin": float(spin)} if spin is not None else {}),
+        )
+        transport.buffers.arena = ArenaMap(self.host_pid)  # maps blocks as referenced
+        return transport
 
 
 class _LazyTcp:

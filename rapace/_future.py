@@ -15,13 +15,19 @@ import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from rapace._loop import LoopHandle, current_trio_token
 
 __all__ = ("Future", "Stream", "wait_on_any_loop")
 
 T = TypeVar("T")
+
+
+class _Lane(Protocol):
+    """What a blocked reader asks of the lane its call went through (rapace._lane)."""
+
+    def wait(self, future: Future[Any], timeout: float | None) -> None: ...
 
 
 async def wait_on_any_loop(subscribe: Callable[[Callable[[], None]], None]) -> None:
@@ -74,13 +80,18 @@ class Future(concurrent.futures.Future[T]):
         super().__init__()
         self._on_cancel: Callable[[], None] | None = None
         self._pool_loop = pool_loop
+        self._lane: _Lane | None = None  # a worker's direct lane carries this call
 
     def result(self, timeout: float | None = None) -> T:
         self._refuse_to_block_the_pool_loop()
+        if self._lane is not None:
+            self._lane.wait(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._refuse_to_block_the_pool_loop()
+        if self._lane is not None:
+            self._lane.wait(self, timeout)
         return super().exception(timeout)
 
     def _refuse_to_block_the_pool_loop(self) -> None:
@@ -94,6 +105,9 @@ class Future(concurrent.futures.Future[T]):
     def cancel(self) -> bool:
         if not super().cancel():
             return False
+        # What an executor does when it finds a cancelled future: without it, the waiters of
+        # concurrent.futures.wait and as_completed never hear of the cancellation.
+        self.set_running_or_notify_cancel()
         on_cancel, self._on_cancel = self._on_cancel, None
         if on_cancel is not None:
             on_cancel()

@@ -34,6 +34,7 @@ from rapace._output import forward_lines, new_tail
 from rapace.shm import LinkOptions, create_link, sweep_owner
 from rapace.shm._cleanup import process_start_time
 from rapace.shm._liveness import death_pipe, pidfd_open
+from rapace.shm._transport import ShmTransport
 from rapace.streams._abc import Transport
 
 __all__ = ("StartFailed", "WorkerLaunch", "launch_worker", "stop_process")
@@ -67,6 +68,7 @@ class WorkerLaunch:
     death_write_fd: int
     started_at: float
     tcp_listener: Any = None
+    lane: ShmTransport | None = None  # the direct lane's link (rapace._lane), shm only
     start_time: int = 0  # the worker's, recorded while it runs: see sweep_owner
     stderr_tail: deque[str] = field(default_factory=new_tail)
     exit_code: int | None = None
@@ -281,12 +283,17 @@ async def launch_worker(
     to_close += [status_write, death_read, service_fd]
     pass_fds: list[int] = [status_write, death_read, service_fd]
     link = token = ""
+    lane: ShmTransport | None = None
+    extra: dict[str, Any] = {"spin": link_options.spin, "handler_threads": handler_threads}
     try:
         if transport == "shm":
             shm_transport, offer = create_link(link_options)
             host_transport = shm_transport
             pass_fds += offer.pass_fds
             link = offer.encode()
+            lane, lane_offer = create_link(link_options)
+            pass_fds += lane_offer.pass_fds
+            extra["lane"] = lane_offer.encode()
         elif transport == "unix":
             from rapace.streams._stream_transport import StreamTransport
             from rapace.streams._unix import UnixByteStream
@@ -318,7 +325,7 @@ async def launch_worker(
             backend=backend,
             # The worker spins as the host was told, and runs plain def handlers this many
             # at a time.
-            extra={"spin": link_options.spin, "handler_threads": handler_threads},
+            extra=extra,
         )
         foreign = _is_foreign(python, command)
         argv: Sequence[str] = command or (
@@ -346,6 +353,8 @@ async def launch_worker(
         if host_transport is not None:
             with anyio.CancelScope(shield=True):
                 await host_transport.aclose()
+        if lane is not None:
+            lane.close_now()
         if tcp_listener is not None:
             await tcp_listener[0].aclose()
         raise
@@ -353,6 +362,8 @@ async def launch_worker(
         os.close(fd)
     if transport == "shm":
         host_transport.unlink_name()  # type: ignore[union-attr]  # the worker holds the fd
+        assert lane is not None
+        lane.unlink_name()
     pidfd = pidfd_open(process.pid)
     start_time = process_start_time(process.pid) or 0
     if transport == "shm" and pidfd is not None:
@@ -365,6 +376,7 @@ async def launch_worker(
         death_write_fd=death_write,
         started_at=started_at,
         tcp_listener=tcp_listener,
+        lane=lane,
         start_time=start_time,
     )
 

@@ -42,6 +42,7 @@ from rapace._errors import (
     WorkerCrashed,
 )
 from rapace._future import Future, Stream
+from rapace._lane import DirectLane
 from rapace._loop import (
     LoopHandle,
     LoopThread,
@@ -57,7 +58,7 @@ from rapace.session import RpcSession, open_session
 from rapace.shm import SUPPORTED as SHM_SUPPORTED
 from rapace.shm import LinkOptions, SizeClass
 from rapace.shm._arena import Arena
-from rapace.wire import Role
+from rapace.wire import CallKind, Role
 
 __all__ = ("PluginPool", "WorkerInfo")
 
@@ -94,15 +95,27 @@ class _Slot:
         self.state = "starting"
         self.launch: WorkerLaunch | None = None
         self.session: RpcSession | None = None
+        self.lane: DirectLane | None = None  # set once the worker answered on it
+        self.lane_driver: DirectLane | None = None  # the lane, answered or not yet
         self.in_flight = 0
         self.restarts = 0
         self.startup_seconds: float | None = None
 
+    @property
+    def load(self) -> int:
+        """Calls in flight in this worker, its lane's included."""
+        lane = self.lane_driver
+        return self.in_flight + (lane is not None and lane.busy)
+
     def info(self) -> WorkerInfo:
         pid = self.launch.pid if self.launch is not None else None
         return WorkerInfo(
-            self.index, pid, self.state, self.restarts, self.in_flight, self.startup_seconds
+            self.index, pid, self.state, self.restarts, self.load, self.startup_seconds
         )
+
+
+def _load(slot: _Slot) -> int:
+    return slot.load
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,8 @@ class _PoolCore(Generic[S]):
         self._args = tuple(args)
         self._kwargs = dict(kwargs or {})
         self._slots = [_Slot(i) for i in range(workers)]
+        # Blocking callers may use the workers' direct lanes (no deadline to carry there).
+        self._lanes = transport == "shm" and call_timeout is None
         self._state: Literal["new", "running", "stopping", "closed"] = "new"
         self._broken: BrokenPluginPool | None = None
         self._loop: LoopHandle | None = None
@@ -227,6 +242,7 @@ class _PoolCore(Generic[S]):
         self._service_payload: bytes | None = None
         self._startup_error: BaseException | None = None
         self._stats_calls = 0
+        self._stats_direct = 0  # of replaced workers' lanes (rapace._lane)
         self._stats_errors = 0
         self._retired: collections.Counter[str] = collections.Counter()  # of replaced workers
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
@@ -355,7 +371,10 @@ class _PoolCore(Generic[S]):
         inbox = self._inbox
         while True:
             while inbox:
-                inbox.popleft()()
+                try:
+                    inbox[0]()
+                finally:
+                    inbox.popleft()  # only now: see _take_handover
             wake = self._inbox_wake = anyio.Event()
             if not inbox:
                 await wake.wait()
@@ -383,18 +402,22 @@ class _PoolCore(Generic[S]):
         self._handover_scheduled = False
         handover = self._handover
         while handover:
-            start = handover.popleft()
+            # Taken off only once started: until then a call made in another thread sees it
+            # queued, and does not overtake it through a lane (see _call).
+            start = handover[0]
             try:
                 if self._spawn_in_callbacks:
                     start()
                 else:
                     self._enqueue(start)
             except BaseException:
+                handover.popleft()
                 if handover:  # the others still go
                     self._handover_scheduled = True
                     assert self._loop is not None
                     self._loop.call_soon(self._take_handover)
                 raise
+            handover.popleft()
 
     def _enqueue(self, start: Callable[[], None]) -> None:
         self._inbox.append(start)
@@ -585,10 +608,16 @@ class _PoolCore(Generic[S]):
             self._cancelling_all = True
             for scope in list(self._call_scopes):
                 scope.cancel()
+            for slot in self._slots:
+                if slot.lane_driver is not None:
+                    slot.lane_driver.cancel_in_flight()
         if wait:
             while self._calls:
                 idle = self._calls_idle = anyio.Event()
                 await idle.wait()
+            for slot in self._slots:
+                if slot.lane_driver is not None:
+                    await slot.lane_driver.wait_idle()
         assert self._stop_requested is not None
         self._stop_requested.set()
         if self._ready_changed is not None:
@@ -696,20 +725,65 @@ class _PoolCore(Generic[S]):
             slot.session = None
             grace = STOP_GRACE_S if started else 0.0
             await stop_process(launch, grace)
+            self._close_lane(slot, launch)
             self._processes.launches.pop(slot.index, None)
             slot.launch = None
         return started, error
 
     def _retire_counters(self, launch: WorkerLaunch) -> None:
         """Keep a finished link's counters: pool statistics never go backwards on a restart."""
-        counters = getattr(launch.transport, "stats", None)
-        if counters is None:
-            return
-        for name in _TRANSPORT_COUNTERS:
-            self._retired[name] += getattr(counters, name)
-        self._retired["ring_high_water"] = max(
-            self._retired["ring_high_water"], counters.ring_high_water
+        for transport in (launch.transport, launch.lane):
+            counters = getattr(transport, "stats", None)
+            if counters is None:
+                continue
+            for name in _TRANSPORT_COUNTERS:
+                self._retired[name] += getattr(counters, name)
+            self._retired["ring_high_water"] = max(
+                self._retired["ring_high_water"], counters.ring_high_water
+            )
+
+    async def _open_lane(self, slot: _Slot, launch: WorkerLaunch) -> None:
+        assert launch.lane is not None
+        assert self._aio_loop is not None
+        launch.lane.buffers.arena = self.arena
+        lane = DirectLane(
+            launch.lane,
+            self._aio_loop,
+            spin=self._options.link.spin,
+            record_latency=self._latencies.append,
         )
+        slot.lane_driver = lane  # closed with the worker, answered or not
+        if await lane.handshake():
+            slot.lane = lane
+
+    def _close_lane(self, slot: _Slot, launch: WorkerLaunch) -> None:
+        """The worker was reaped: fail its lane's call (a crash names the worker)."""
+        lane, slot.lane, slot.lane_driver = slot.lane_driver, None, None
+        if lane is None:
+            if launch.lane is not None:
+                launch.lane.close_now()
+            return
+        if lane.busy:
+            code = launch.exit_code
+            crashed = self._state == "running" or code != 0
+
+            def error(spec: MethodSpec) -> BaseException:
+                if not crashed:
+                    return Unavailable(f"{spec.qualified_name}: the worker stopped")
+                return WorkerCrashed(
+                    f"worker {slot.index} (pid {launch.pid}) {describe_exit(code)} while "
+                    f"running {spec.qualified_name}",
+                    pid=launch.pid,
+                    exitcode=code,
+                    method=spec.qualified_name,
+                )
+
+            lane.close(error)
+        else:
+            lane.close()
+        self._stats_calls += lane.calls
+        self._stats_direct += lane.calls
+        self._stats_errors += lane.errors
 
     async def _serve_worker(self, slot: _Slot, launch: WorkerLaunch) -> bool:
         assert launch.transport is not None
@@ -725,9 +799,6 @@ class _PoolCore(Generic[S]):
             anyio.create_task_group() as tg,
         ):
             slot.session = session
-            slot.state = "ready"
-            slot.startup_seconds = time.monotonic() - launch.started_at
-            self._notify_ready()
 
             async def watch_process() -> None:
                 code = await launch.wait_exit()
@@ -747,7 +818,15 @@ class _PoolCore(Generic[S]):
             tg.start_soon(watch_process)
             tg.start_soon(watch_stop)
             tg.start_soon(watch_session)
+            if launch.lane is not None and self._aio_loop is not None:
+                # Ready with its lane open (one more hello, answered at once), so a pool's
+                # first blocking calls take the lanes as well.
+                await self._open_lane(slot, launch)
+            slot.state = "ready"
+            slot.startup_seconds = time.monotonic() - launch.started_at
+            self._notify_ready()
         slot.session = None
+        slot.lane = None  # no new calls; the one in flight is failed once the worker is reaped
         slot.state = "restarting"
         return True
 
@@ -779,8 +858,23 @@ class _PoolCore(Generic[S]):
         return self._loop
 
     def _call(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        args, kwargs = self._bridge_stream_argument(spec, args, kwargs)
-        future: Future[Any] = Future(self._loop)
+        if self._lanes and spec.kind is CallKind.UNARY and not _in_event_loop():
+            # A plain thread, which will most likely block on the result: straight to a
+            # worker through its lane, when one is free (rapace._lane).
+            self._check_open()
+            future: Future[Any] = Future(self._loop)
+            slots = self._slots
+            if self._handover or self._inbox:
+                slots = []  # calls handed to the loop go first, where they are placed
+            elif len(slots) > 1:
+                slots = sorted(slots, key=_load)  # the fewest calls in flight first
+            for slot in slots:
+                lane = slot.lane
+                if lane is not None and lane.try_call(spec, args, kwargs, future):
+                    return future
+        else:
+            args, kwargs = self._bridge_stream_argument(spec, args, kwargs)
+            future = Future(self._loop)
         remaining = _remaining_time()
         self._run_soon(lambda: self._start_call(spec, args, kwargs, future, remaining))
         return future
@@ -830,16 +924,21 @@ class _PoolCore(Generic[S]):
         if future.cancelled():
             return
         self._calls += 1
+        # Placed now, not when its task runs: a call made meanwhile (through a lane, say)
+        # sees this one in its worker's load.
+        slot = self._least_loaded()
+        if slot is not None:
+            slot.in_flight += 1
         aio_loop = self._aio_loop
         if aio_loop is not None:
             # The pool's own asyncio thread: a bare task (in a copy of the context, as a task
             # group would) costs ~4 us where anyio's start_soon costs ~14 (bench_shm_limits).
             # The task is tracked here and awaited before the loop ends.
-            task = aio_loop.create_task(self._run_call(spec, args, kwargs, future, remaining))
+            task = aio_loop.create_task(self._run_call(spec, args, kwargs, future, remaining, slot))
             self._call_tasks.add(task)
             return
         assert self._task_group is not None
-        self._task_group.start_soon(self._run_call, spec, args, kwargs, future, remaining)
+        self._task_group.start_soon(self._run_call, spec, args, kwargs, future, remaining, slot)
 
     async def _run_call(
         self,
@@ -848,6 +947,7 @@ class _PoolCore(Generic[S]):
         kwargs: dict[str, Any],
         future: Future[Any],
         remaining: float | None,
+        placed: _Slot | None,
     ) -> None:
         deadline = math.inf if remaining is None else anyio.current_time() + remaining
         started = time.perf_counter()
@@ -861,7 +961,8 @@ class _PoolCore(Generic[S]):
                 if future.cancelled():
                     return
                 try:
-                    result = await self._call_in_worker(spec, args, kwargs, future)
+                    given, placed = placed, None  # _call_in_worker gives it back
+                    result = await self._call_in_worker(spec, args, kwargs, future, given)
                 except Exception as exc:
                     self._stats_errors += 1
                     future._fail(exc)
@@ -876,6 +977,8 @@ class _PoolCore(Generic[S]):
                         TimeoutError(f"{spec.qualified_name}: the caller's deadline passed")
                     )
         finally:
+            if placed is not None:
+                placed.in_flight -= 1
             self._call_scopes.discard(scope)
             task = asyncio.current_task() if self._aio_loop is not None else None
             if task is not None:
@@ -900,10 +1003,7 @@ class _PoolCore(Generic[S]):
                 raise self._broken
             if self._state != "running" and self._state != "stopping":
                 raise RuntimeError("the pool is closed")
-            best: _Slot | None = None
-            for slot in self._slots:
-                if slot.state == "ready" and (best is None or slot.in_flight < best.in_flight):
-                    best = slot
+            best = self._least_loaded()
             if best is not None:
                 return best
             assert self._ready_changed is not None
@@ -915,18 +1015,32 @@ class _PoolCore(Generic[S]):
                 if future is not None:
                     self._waiting.discard(future)
 
+    def _least_loaded(self) -> _Slot | None:
+        best: _Slot | None = None
+        for slot in self._slots:
+            if slot.state == "ready" and (best is None or slot.load < best.load):
+                best = slot
+        return best
+
     async def _call_in_worker(
         self,
         spec: MethodSpec,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         future: Future[Any] | None,
+        placed: _Slot | None = None,
     ) -> Any:
-        slot = await self._pick(future)
+        """Make the call in ``placed`` (whose count of calls in flight includes it already)
+        if that worker is still ready, else in the least loaded one once one is."""
+        slot = placed
+        if slot is None or slot.state != "ready" or slot.session is None:
+            if slot is not None:
+                slot.in_flight -= 1
+            slot = await self._pick(future)
+            slot.in_flight += 1
         session, launch = slot.session, slot.launch
         assert session is not None
         assert launch is not None
-        slot.in_flight += 1
         try:
             return await session.call(spec, args, kwargs)
         except (Unavailable, ProtocolError) as exc:
@@ -1185,23 +1299,34 @@ class _PoolCore(Generic[S]):
 
         transport = collections.Counter(self._retired)
         high_water = transport.pop("ring_high_water", 0)
+        calls, errors, in_flight = self._stats_calls, self._stats_errors, self._calls
+        direct = self._stats_direct
         for slot in self._slots:
+            lane = slot.lane_driver
+            if lane is not None:
+                calls += lane.calls
+                direct += lane.calls
+                errors += lane.errors
+                in_flight += lane.busy
             launch = slot.launch
             if launch is None:
                 continue
-            counters = getattr(launch.transport, "stats", None)
-            if counters is None:
-                continue
-            for name in _TRANSPORT_COUNTERS:
-                transport[name] += getattr(counters, name)
-            high_water = max(high_water, counters.ring_high_water)
-            transport["blocks_alive"] += getattr(launch.transport, "buffer_blocks_alive", 0)
+            for link in (launch.transport, launch.lane):
+                counters = getattr(link, "stats", None)
+                if counters is None:
+                    continue
+                for name in _TRANSPORT_COUNTERS:
+                    transport[name] += getattr(counters, name)
+                high_water = max(high_water, counters.ring_high_water)
+                transport["blocks_alive"] += getattr(link, "buffer_blocks_alive", 0)
         arena = self.arena.statistics() if self.arena is not None else None
         return {
-            "calls": self._stats_calls,
-            "errors": self._stats_errors,
+            "calls": calls,
+            # Blocking calls a thread made straight through a worker's lane, not the loop.
+            "direct_calls": direct,
+            "errors": errors,
             "restarts": sum(slot.restarts for slot in self._slots),
-            "in_flight": self._calls,
+            "in_flight": in_flight,
             "latency_us": {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99)},
             "transport": self._options.transport,
             "frames_sent": transport["frames_sent"],

@@ -224,6 +224,8 @@ class RpcSession:
         limits: what this side is prepared to receive (window, payload size, channels).
         handler_threads: how many plain ``def`` handlers may run at once (each in a thread);
             None: anyio's default limiter (40 threads).
+        thread_limiter: a limiter to share with other sessions instead (a worker serving
+            its main link and its lane runs ``handler_threads`` handlers in all).
     """
 
     def __init__(
@@ -236,11 +238,13 @@ class RpcSession:
         ping_interval: float | None = None,
         limits: HelloLimits | None = None,
         handler_threads: int | None = None,
+        thread_limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         if handler_threads is not None and handler_threads < 1:
             raise ValueError(f"handler_threads must be at least 1, not {handler_threads}")
         self._handler_threads = handler_threads
-        self._thread_limiter: anyio.CapacityLimiter | None = None  # made in the session's loop
+        # Made in the session's loop, unless shared with another session (a worker's lane).
+        self._thread_limiter: anyio.CapacityLimiter | None = thread_limiter
         self._transport = transport
         # Shared-memory transports place large and shared buffers themselves (zero-copy).
         self._buffers: Any = getattr(transport, "buffers", None)
@@ -650,9 +654,10 @@ class RpcSession:
                 pass  # the wire refuses new calls itself; calls in flight continue
 
     def _limiter(self) -> anyio.CapacityLimiter | None:
-        if self._handler_threads is None:
+        if self._handler_threads is None and self._thread_limiter is None:
             return None
         if self._thread_limiter is None:
+            assert self._handler_threads is not None
             self._thread_limiter = anyio.CapacityLimiter(self._handler_threads)
         return self._thread_limiter
 
@@ -1046,6 +1051,7 @@ async def open_session(
     ping_interval: float | None = None,
     limits: HelloLimits | None = None,
     handler_threads: int | None = None,
+    thread_limiter: anyio.CapacityLimiter | None = None,
 ) -> AsyncIterator[RpcSession]:
     """Run an :class:`RpcSession` for the duration of the ``async with`` block.
 
@@ -1064,6 +1070,7 @@ async def open_session(
         ping_interval=ping_interval,
         limits=limits,
         handler_threads=handler_threads,
+        thread_limiter=thread_limiter,
     )
     try:
         async with anyio.create_task_group() as tg:

@@ -24,7 +24,10 @@ import signal
 import sys
 import traceback
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import anyio
 
 __all__ = ("main",)
 
@@ -72,6 +75,7 @@ def run(boot: Any, build: Any) -> NoReturn:
     try:
         impl = build()
         transport = boot.open_transport()
+        lane = boot.open_lane()
     except BaseException:
         _report_start_failure(boot.status_fd)
         _exit(boot, EXIT_START_FAILED)
@@ -82,7 +86,7 @@ def run(boot: Any, build: Any) -> NoReturn:
         import anyio
 
         threads = boot.extra.get("handler_threads")
-        anyio.run(_serve, impl, transport, threads, backend=boot.backend)
+        anyio.run(_serve, impl, transport, threads, lane, backend=boot.backend)
     except SystemExit:  # the parent-death signal: the host is gone
         pass
     except BaseException:  # an unexpected crash of the session itself: say so, exit non-zero
@@ -91,7 +95,11 @@ def run(boot: Any, build: Any) -> NoReturn:
     _exit(boot, code)
 
 
-async def _serve(impl: object, transport: Any, handler_threads: int | None = None) -> None:
+async def _serve(
+    impl: object, transport: Any, handler_threads: int | None = None, lane: Any = None
+) -> None:
+    import anyio
+
     from rapace._bootstrap import _LazyTcp
     from rapace.session import open_session
     from rapace.wire import Role
@@ -100,10 +108,31 @@ async def _serve(impl: object, transport: Any, handler_threads: int | None = Non
         from rapace.streams._net import connect_transport
 
         transport = await connect_transport(transport.url, token=transport.token)
-    async with open_session(
-        transport, role=Role.ACCEPTOR, serve=impl, handler_threads=handler_threads
-    ) as session:
+    # One limit on def handlers for both links.
+    limiter = anyio.CapacityLimiter(handler_threads) if handler_threads is not None else None
+    async with (
+        open_session(transport, role=Role.ACCEPTOR, serve=impl, thread_limiter=limiter) as session,
+        anyio.create_task_group() as tg,
+    ):
+        if lane is not None:
+            tg.start_soon(_serve_lane, impl, lane, limiter)
         await session.wait_closed()
+        tg.cancel_scope.cancel()
+
+
+async def _serve_lane(impl: object, lane: Any, limiter: anyio.CapacityLimiter | None) -> None:
+    """The host's blocking callers' own link (rapace._lane): served like the main one,
+    but its end, for whatever reason, is not the worker's."""
+    from rapace.session import open_session
+    from rapace.wire import Role
+
+    try:
+        async with open_session(
+            lane, role=Role.ACCEPTOR, serve=impl, thread_limiter=limiter
+        ) as session:
+            await session.wait_closed()
+    except Exception:  # the main link decides when this worker ends
+        traceback.print_exc()
 
 
 def _report_start_failure(status_fd: int) -> None:

@@ -350,6 +350,60 @@ class ShmTransport:
         if self._closed and not self._users:
             self._release_everything()
 
+    # -- driven by a thread (rapace._lane) --------------------------------------------------
+    # No receive() or flush() runs on such a link: whoever holds the driver's lock calls
+    # these, and the doorbell is watched by the driver itself.
+
+    def input_ready(self) -> bool:
+        """Whether the peer has published a descriptor not yet taken (one word read)."""
+        return self._in.available() > 0
+
+    def poll(self) -> list[Frame]:
+        """Every frame published now, validated and copied out; never waits."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise anyio.ClosedResourceError
+        try:
+            return self._drain()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def flush_nowait(self) -> bool:
+        """Write what ``send_nowait`` had to queue; True once nothing is left."""
+        self._check_sendable()
+        self._collect_returns()
+        pending = self._pending
+        for _ in range(self._write(pending)):
+            pending.popleft()
+        return not pending
+
+    def want_doorbell(self, wanted: bool) -> None:
+        """Ask the peer to ring (or not) after publishing: False while a thread spins."""
+        self._words[self._own + ControlWord.PARKED] = 1 if wanted else 0
+
+    @property
+    def doorbell_fd(self) -> int:
+        """The eventfd the peer rings for this side."""
+        return self._own_doorbell.fd
+
+    def may_spin(self) -> bool:
+        """Whether the two processes may run at once (a spin can then see the answer)."""
+        return may_run_in_parallel(
+            self._words[self._own + ControlWord.AFFINITY],
+            self._words[self._peer + ControlWord.AFFINITY],
+        )
+
+    def close_now(self) -> None:
+        """Close and release at once (nobody is inside receive or flush on a driven link)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._words[self._own + ControlWord.CLOSED] = 1
+        self._peer_doorbell.ring()
+        self._release_everything()
+
     # -- liveness --------------------------------------------------------------------------
 
     def mark_peer_dead(self, reason: str) -> None:

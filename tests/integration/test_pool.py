@@ -143,6 +143,21 @@ def test_cancel_cancels_the_call_in_the_worker() -> None:
         assert pool.submit(Calculator.wait_cancelled).result(timeout=10) == 1
 
 
+@pytest.mark.parametrize("how", ["wait", "as_completed"])
+def test_a_cancelled_call_wakes_concurrent_futures_waiters(how: str) -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        # One call on the worker's lane, one through the pool's loop.
+        futures = [pool.submit(Calculator.sleep, 3600.0) for _ in range(2)]
+        for future in futures:
+            assert future.cancel()
+        if how == "wait":
+            _, pending = concurrent.futures.wait(futures, timeout=10)
+            assert not pending
+        else:
+            assert set(concurrent.futures.as_completed(futures, timeout=10)) == set(futures)
+        assert all(future.cancelled() for future in futures)
+
+
 def test_a_deadline_around_await_cancels_the_handler() -> None:
     async def main() -> None:
         async with PluginPool(Calculator, workers=1) as pool:

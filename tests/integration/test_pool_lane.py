@@ -1,0 +1,202 @@
+"""The workers' direct lanes (rapace._lane): a blocking caller writes its call and reads the
+reply itself, with the same outcomes as the usual path through the pool's loop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import threading
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+import rapace
+from rapace import PluginPool
+
+from .pool_services import Calculator
+
+WAIT = 30
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[PluginPool[Calculator]]:
+    with PluginPool(Calculator, workers=2) as pool:
+        _until_lanes_open(pool)
+        yield pool
+
+
+def _until_lanes_open(pool: PluginPool[Calculator]) -> None:
+    """A worker is ready once its lane is open too."""
+    assert all(slot.lane is not None for slot in pool._core._slots)
+
+
+def test_a_blocking_call_takes_a_lane(pool: PluginPool[Calculator]) -> None:
+    before = pool.stats()
+    assert [pool.submit(Calculator.add, i, 1).result(timeout=WAIT) for i in range(50)] == [
+        i + 1 for i in range(50)
+    ]
+    after = pool.stats()
+    assert after["direct_calls"] - before["direct_calls"] == 50
+    assert after["calls"] - before["calls"] == 50
+    assert after["in_flight"] == 0
+
+
+def test_a_proxy_call_from_a_thread_takes_a_lane(pool: PluginPool[Calculator]) -> None:
+    before = pool.stats()["direct_calls"]
+    assert pool.proxy.add(2, 3).result(timeout=WAIT) == 5
+    assert pool.stats()["direct_calls"] == before + 1
+
+
+def test_an_error_comes_back_as_on_the_usual_path(pool: PluginPool[Calculator]) -> None:
+    before = pool.stats()
+    with pytest.raises(ValueError, match="no good") as caught:
+        pool.submit(Calculator.fail, "no good").result(timeout=WAIT)
+    assert "pool_services.py" in str(caught.value.__cause__)  # the worker's traceback
+    after = pool.stats()
+    assert after["errors"] == before["errors"] + 1
+    assert after["direct_calls"] == before["direct_calls"] + 1
+
+
+def test_bad_arguments_fail_the_future_not_submit(pool: PluginPool[Calculator]) -> None:
+    future = pool.submit(Calculator.add, "two", 3)
+    with pytest.raises(rapace.EncodeError):
+        future.result(timeout=WAIT)
+
+
+def test_futures_nobody_blocks_on_still_complete(pool: PluginPool[Calculator]) -> None:
+    # The lanes take the first calls, the pool's loop the rest; the replies on the lanes are
+    # collected by the loop when the worker rings, as nobody spins for them.
+    futures = [pool.submit(Calculator.add, i, 0) for i in range(8)]
+    called = threading.Event()
+    futures[0].add_done_callback(lambda _: called.set())
+    _, pending = concurrent.futures.wait(futures, timeout=WAIT)
+    assert not pending
+    assert [f.result() for f in futures] == list(range(8))
+    assert called.wait(WAIT)
+
+
+def test_a_lane_future_can_be_awaited_elsewhere(pool: PluginPool[Calculator]) -> None:
+    future = pool.submit(Calculator.sleep, 0.05)
+
+    async def main() -> float:
+        with anyio.fail_after(WAIT):
+            return await future
+
+    assert anyio.run(main) == 0.05
+
+
+def test_cancel_reaches_the_handler_in_the_worker() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        _until_lanes_open(pool)
+        before = pool.stats()["direct_calls"]
+        future = pool.submit(Calculator.sleep, 3600)
+        assert pool.stats()["in_flight"] == 1
+        assert future.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(timeout=WAIT)
+        # The lane is free again, and the worker saw the cancellation.
+        assert pool.submit(Calculator.wait_cancelled).result(timeout=WAIT) == 1
+        assert pool.stats()["direct_calls"] == before + 2
+
+
+def test_a_worker_killed_mid_call_fails_that_call_with_worker_crashed() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        _until_lanes_open(pool)
+        pid = pool.workers[0].pid
+        with pytest.raises(rapace.WorkerCrashed) as caught:
+            pool.submit(Calculator.die, "kill").result(timeout=WAIT)
+        assert caught.value.pid == pid
+        assert caught.value.exitcode == -signal.SIGKILL
+        assert caught.value.method == "Calculator.die"
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5  # a new worker
+        _until_lanes_open(pool)
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5
+        stats = pool.stats()
+        assert stats["restarts"] == 1
+        assert stats["direct_calls"] >= 2  # the replaced worker's lane still counts
+
+
+def test_shutdown_waits_for_a_call_on_a_lane() -> None:
+    pool = PluginPool(Calculator, workers=1).start()
+    _until_lanes_open(pool)
+    future = pool.submit(Calculator.sleep, 0.2)
+    assert pool.stats()["in_flight"] == 1
+    pool.shutdown(wait=True)
+    assert future.done()
+    assert future.result() == 0.2
+
+
+def test_shutdown_without_waiting_cancels_a_call_on_a_lane() -> None:
+    pool = PluginPool(Calculator, workers=1).start()
+    _until_lanes_open(pool)
+    future = pool.submit(Calculator.sleep, 3600)
+    pool.shutdown(wait=False)
+    _, pending = concurrent.futures.wait([future], timeout=WAIT)
+    assert not pending
+    assert future.cancelled()
+    pool.shutdown()  # joins the pool's thread once the worker is stopped
+
+
+def test_threads_share_the_lanes(pool: PluginPool[Calculator]) -> None:
+    before = pool.stats()
+    results: dict[int, list[int]] = {}
+
+    def work(thread: int) -> None:
+        results[thread] = [
+            pool.submit(Calculator.add, thread * 1000 + i, 0).result(timeout=WAIT)
+            for i in range(100)
+        ]
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert results == {n: [n * 1000 + i for i in range(100)] for n in range(4)}
+    after = pool.stats()
+    assert after["calls"] - before["calls"] == 400
+    assert after["direct_calls"] > before["direct_calls"]
+    assert after["in_flight"] == 0
+
+
+@pytest.mark.parametrize(("threads", "met"), [(1, False), (2, True)])
+def test_the_lane_and_the_main_link_share_the_worker_s_handler_threads(
+    threads: int, met: bool
+) -> None:
+    # The first call takes the lane, the second the pool's loop: with handler_threads=1 the
+    # worker runs them one after the other all the same.
+    with PluginPool(Calculator, workers=1, handler_threads=threads) as pool:
+        _until_lanes_open(pool)
+        first = pool.submit(Calculator.meet, 2, 1.0)
+        second = pool.submit(Calculator.meet, 2, 1.0)
+        assert [first.result(timeout=WAIT), second.result(timeout=WAIT)] == [met, met]
+        assert pool.stats()["direct_calls"] == 1
+
+
+def test_a_lane_without_spinning_is_answered_through_its_doorbell() -> None:
+    with PluginPool(Calculator, workers=1, spin=0) as pool:
+        _until_lanes_open(pool)
+        assert [pool.submit(Calculator.add, i, 1).result(timeout=WAIT) for i in range(20)] == [
+            i + 1 for i in range(20)
+        ]
+        assert pool.stats()["direct_calls"] == 20
+
+
+def test_no_lane_with_a_call_timeout_or_a_socket_transport() -> None:
+    with PluginPool(Calculator, workers=1, call_timeout=10) as pool:
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5
+        assert pool.stats()["direct_calls"] == 0
+    with PluginPool(Calculator, workers=1, transport="unix") as pool:
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5
+        assert pool.stats()["direct_calls"] == 0
+
+
+def test_calls_from_an_event_loop_take_the_usual_path(pool: PluginPool[Calculator]) -> None:
+    async def main() -> int:
+        with anyio.fail_after(WAIT):
+            return await pool.submit(Calculator.add, 2, 3)
+
+    before = pool.stats()["direct_calls"]
+    assert anyio.run(main) == 5
+    assert pool.stats()["direct_calls"] == before
