@@ -48,7 +48,11 @@ class BatchCodecs:
 
     def encode_calls(self, calls: Sequence[tuple[Any, ...]]) -> bytes:
         """A chunk's argument tuples (each complete, in declaration order) as one payload."""
-        return self._calls.encode((len(calls), *map(list, zip(*calls, strict=True)))).data
+        return self.encode_columns(len(calls), list(map(list, zip(*calls, strict=True))))
+
+    def encode_columns(self, count: int, columns: Sequence[list[Any]]) -> bytes:
+        """A chunk given by column: ``count`` calls, one list per parameter."""
+        return self._calls.encode((count, *columns)).data
 
     def decode_calls(self, data: bytes) -> list[tuple[Any, ...]]:
         """The argument tuples of a chunk.

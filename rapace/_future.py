@@ -14,7 +14,7 @@ import contextlib
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 from rapace._loop import LoopHandle, current_trio_token
@@ -81,6 +81,8 @@ class Future(concurrent.futures.Future[T]):
         self._on_cancel: Callable[[], None] | None = None
         self._pool_loop = pool_loop
         self._lane: _Lane | None = None  # a worker's direct lane carries this call
+        # Makes the call in the awaiting task instead, if it has not started (see _wait).
+        self._claim: Callable[[], Coroutine[Any, Any, None] | None] | None = None
 
     def result(self, timeout: float | None = None) -> T:
         self._refuse_to_block_the_pool_loop()
@@ -117,6 +119,14 @@ class Future(concurrent.futures.Future[T]):
         return self._wait().__await__()
 
     async def _wait(self) -> T:
+        claim = self._claim
+        run = claim() if claim is not None else None
+        if run is not None:
+            try:
+                await run  # the call, made here: it settles this future
+            except BaseException:
+                self.cancel()  # our task was cancelled: so is the call
+                raise
         if not self.done():
             try:
                 await wait_on_any_loop(lambda wake: self.add_done_callback(lambda _: wake()))

@@ -77,7 +77,29 @@ class MapResults(Generic[T]):
     # -- iteration ---------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[T]:
-        return self
+        return self._each()
+
+    def _each(self) -> Iterator[T]:
+        """What ``for`` (and ``list``) use: ``__next__``'s results, but a part's results
+        are handed out by a C loop, not a method call per result (a third of a map's time
+        on the caller's side at chunksize 256)."""
+        try:
+            while True:
+                while self._ready:
+                    yield self._emit()
+                self._raise_failure()
+                part = self._next_part_blocking()
+                if part is None:
+                    return
+                results, failure = self._expand(part.result(self._left()))
+                if self._progress is None:
+                    yield from results
+                else:
+                    self._ready.extend(results)
+                if failure is not None:
+                    self._failure = failure
+        finally:
+            self.close()  # the end, a failure, a timeout, Ctrl-C or a break
 
     def __next__(self) -> T:
         while not self._ready:

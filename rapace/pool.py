@@ -26,9 +26,9 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import Any, Final, Generic, Literal, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -112,6 +112,10 @@ class _Slot:
         return WorkerInfo(
             self.index, pid, self.state, self.restarts, self.load, self.startup_seconds
         )
+
+
+#: Iterables map() slices into chunks as they are.
+_SEQUENCES: Final = (list, tuple, range)
 
 
 def _load(slot: _Slot) -> int:
@@ -876,6 +880,30 @@ class _PoolCore(Generic[S]):
             args, kwargs = self._bridge_stream_argument(spec, args, kwargs)
             future = Future(self._loop)
         remaining = _remaining_time()
+        aio_loop = self._aio_loop
+        if aio_loop is not None and asyncio._get_running_loop() is aio_loop:
+            self._check_open()
+
+            # On the pool's own loop, awaited at once (``await pool.proxy.f(x)``): the
+            # awaiting task makes the call itself, no task of its own and no wake-ups
+            # between the two. Not awaited, it starts on the loop's next turn.
+            def claim() -> Coroutine[Any, Any, None] | None:
+                if future._claim is None or asyncio._get_running_loop() is not aio_loop:
+                    return None
+                future._claim = None
+                placed = self._admit(future)
+                if placed is False:
+                    return None
+                return self._run_call(spec, args, kwargs, future, remaining, placed)
+
+            def start_unclaimed() -> None:
+                if future._claim is not None:
+                    future._claim = None
+                    self._start_call(spec, args, kwargs, future, remaining)
+
+            future._claim = claim
+            aio_loop.call_soon(start_unclaimed)
+            return future
         self._run_soon(lambda: self._start_call(spec, args, kwargs, future, remaining))
         return future
 
@@ -921,14 +949,9 @@ class _PoolCore(Generic[S]):
         future: Future[Any],
         remaining: float | None,
     ) -> None:
-        if future.cancelled():
+        slot = self._admit(future)
+        if slot is False:
             return
-        self._calls += 1
-        # Placed now, not when its task runs: a call made meanwhile (through a lane, say)
-        # sees this one in its worker's load.
-        slot = self._least_loaded()
-        if slot is not None:
-            slot.in_flight += 1
         aio_loop = self._aio_loop
         if aio_loop is not None:
             # The pool's own asyncio thread: a bare task (in a copy of the context, as a task
@@ -939,6 +962,20 @@ class _PoolCore(Generic[S]):
             return
         assert self._task_group is not None
         self._task_group.start_soon(self._run_call, spec, args, kwargs, future, remaining, slot)
+
+    def _admit(self, future: Future[Any]) -> _Slot | Literal[False] | None:
+        """Count a call about to run and place it (False: it was cancelled already).
+
+        Placed now, not when its task runs: a call made meanwhile (through a lane, say) sees
+        this one in its worker's load.
+        """
+        if future.cancelled():
+            return False
+        self._calls += 1
+        slot = self._least_loaded()
+        if slot is not None:
+            slot.in_flight += 1
+        return slot
 
     async def _run_call(
         self,
@@ -1086,16 +1123,27 @@ class _PoolCore(Generic[S]):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         end = None if timeout is None else time.monotonic() + timeout
-        calls = list(zip(*iterables, strict=False))
+        # Chunks travel by column (see rapace._batch): taken from the iterables as they are,
+        # without making a tuple per call and taking them apart again.
+        # Other iterables may be endless (itertools.repeat): zip decides where they end.
+        by_column = chunksize > 1 and self._options.command is None
+        calls: list[tuple[Any, ...]] = []
+        if by_column and iterables and all(type(it) in _SEQUENCES for it in iterables):
+            columns: Sequence[Sequence[Any]] = cast(tuple[Sequence[Any], ...], iterables)
+            count = min(len(column) for column in columns)
+        else:
+            calls = list(zip(*iterables, strict=False))
+            count = len(calls)
+            columns = [list(column) for column in zip(*calls, strict=True)] if by_column else []
         bar = None
         if progress:
             from rapace._progress import progress_bar
 
-            bar = progress_bar(len(calls), f"{self._spec.name}.{self._method(method).name}")
+            bar = progress_bar(count, f"{self._spec.name}.{self._method(method).name}")
         try:
-            if chunksize > 1 and self._options.command is None:
+            if by_column:
                 # (A plugin program serves its own class, without the batch method.)
-                parts, expand = self._submit_chunks(method, calls, chunksize)
+                parts, expand = self._submit_chunks(method, columns, count, chunksize)
             else:
                 spec = self._method(method)
                 if spec.kind.handler_streams:
@@ -1112,7 +1160,11 @@ class _PoolCore(Generic[S]):
         return MapResults(parts, expand, ordered=ordered, end=end, progress=bar)
 
     def _submit_chunks(
-        self, method: Callable[..., Any], calls: list[tuple[Any, ...]], chunksize: int
+        self,
+        method: Callable[..., Any],
+        columns: Sequence[Sequence[Any]],
+        count: int,
+        chunksize: int,
     ) -> tuple[list[Future[Any]], Expand]:
         from rapace._batch import batch_codecs
         from rapace.session import _bind, _remote_exception
@@ -1122,18 +1174,20 @@ class _PoolCore(Generic[S]):
             raise TypeError(f"map() takes unary methods; {spec.qualified_name} streams")
         codec = batch_codecs(spec)
         batch = self._batch_spec()
-        arity = len(spec.params)
-        if all(len(args) == arity for args in calls):
-            bound = calls  # positional and complete, the usual case: nothing to bind
-        else:
-            bound = [tuple(_bind(spec, args, {})) for args in calls]
-        chunks = [bound[i : i + chunksize] for i in range(0, len(bound), chunksize)]
-        parts = self._call_many(
-            batch, [(spec.method_id, codec.encode_calls(chunk)) for chunk in chunks]
-        )
-        for part, chunk in zip(parts, chunks, strict=True):
+        if len(columns) != len(spec.params):  # defaults to fill in: bind each call
+            bound = [_bind(spec, args, {}) for args in zip(*columns, strict=False)]
+            columns = [list(column) for column in zip(*bound, strict=True)] if bound else []
+        payloads = []
+        sizes = []
+        for start in range(0, count, chunksize):
+            stop = min(start + chunksize, count)
+            chunk = [c[start:stop] if type(c) is list else list(c[start:stop]) for c in columns]
+            payloads.append((spec.method_id, codec.encode_columns(stop - start, chunk)))
+            sizes.append(stop - start)
+        parts = self._call_many(batch, payloads)
+        for part, size in zip(parts, sizes, strict=True):
             # The pool counts the message as one call when it ends: count the rest of it.
-            part.add_done_callback(functools.partial(self._count_calls, len(chunk) - 1))
+            part.add_done_callback(functools.partial(self._count_calls, size - 1))
 
         def expand(value: Any) -> tuple[Sequence[Any], BaseException | None]:
             encoded, error = value

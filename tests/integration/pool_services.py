@@ -46,6 +46,9 @@ class Calculator:
     async def add(self, a: int, b: int) -> int:
         return a + b + self.offset
 
+    async def shift(self, x: int, by: int = 10) -> int:
+        return x + by
+
     async def range(self, n: int) -> Streaming[int]:
         for i in range(n):
             yield i

@@ -4,6 +4,7 @@ crashes and restarts, deadlines, shutdown."""
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import select
 import signal
@@ -331,6 +332,30 @@ def test_map_in_chunks_keeps_order_and_types(chunksize: int) -> None:
         unordered = pool.map(Calculator.add, xs, xs, chunksize=chunksize, ordered=False)
         assert sorted(unordered) == [2 * x for x in xs]
         assert list(pool.map(Calculator.block, [0.0, 0.0], chunksize=chunksize)) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_takes_any_iterables_and_stops_at_the_shortest(chunksize: int) -> None:
+    with PluginPool(Calculator, workers=2) as pool:
+        gen = (x for x in range(10))
+        assert list(pool.map(Calculator.add, gen, range(100, 107), chunksize=chunksize)) == [
+            100 + 2 * x for x in range(7)
+        ]
+        assert list(pool.map(Calculator.add, (1, 2), [10, 20, 30], chunksize=chunksize)) == [
+            11,
+            22,
+        ]
+        assert list(pool.map(Calculator.shift, [1, 2, 3], chunksize=chunksize)) == [11, 12, 13]
+        endless = itertools.repeat(5)
+        assert list(pool.map(Calculator.add, [1, 2], endless, chunksize=chunksize)) == [6, 7]
+        assert list(pool.map(Calculator.add, [], [], chunksize=chunksize)) == []
+
+
+def test_a_map_read_by_next_and_by_for_gives_each_result_once() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        results = pool.map(Calculator.add, range(10), range(10), chunksize=4)
+        assert [next(results), next(results)] == [0, 2]
+        assert list(results) == [2 * x for x in range(2, 10)]
 
 
 def test_map_raises_the_first_error_when_reached() -> None:
