@@ -11,6 +11,10 @@ pool's loop stays asleep.
 
 A lane carries one call at a time; calls that find it busy take the usual path. Whoever
 holds the lane's lock may drive it, for a few microseconds at a time, never while waiting.
+A reply is decoded under the lock, but the future is completed after it is released, by the
+same thread: done-callbacks are user code that may block (on the pool's loop, which takes
+the lock to collect replies and to reap a worker) or call the pool again. The lane stays
+busy until then, so a call a callback makes takes the usual path.
 When nobody spins (the future is awaited, or waited for with callbacks, or its call outlasts
 the spin), the worker rings the lane's doorbell and the pool's loop collects the reply.
 Publishing "ring me" can race with the worker's publishing of the reply (see
@@ -55,13 +59,15 @@ HANDSHAKE_TIMEOUT_S: Final = 5.0
 
 
 class _LaneCall:
-    __slots__ = ("channel_id", "future", "spec", "started")
+    __slots__ = ("channel_id", "future", "outcome", "spec", "started")
 
     def __init__(self, channel_id: int, spec: MethodSpec, future: Future[Any]) -> None:
         self.channel_id = channel_id
         self.spec = spec
         self.future = future
         self.started = time.perf_counter()
+        # (True, result) or (False, error) once answered, until delivered (see _deliver).
+        self.outcome: tuple[bool, Any] | None = None
 
 
 class DirectLane:
@@ -85,6 +91,7 @@ class DirectLane:
         self._buffers: Any = transport.buffers
         self._lock = threading.Lock()
         self._call: _LaneCall | None = None
+        self._answered: _LaneCall | None = None  # for the lock's holder to deliver
         self._open = False  # handshake done, not closing
         self._closed = False
         self._stalled = False  # frames wait in the transport for room (see _send)
@@ -133,6 +140,8 @@ class DirectLane:
             os.eventfd_read(self._reader_fd)
         with self._lock:
             self._collect()
+            answered, self._answered = self._answered, None
+        self._deliver(answered)
 
     def _look_again(self, waits: Any) -> None:
         """A caller stopped spinning with its call unanswered: look now and then while it
@@ -142,8 +151,10 @@ class DirectLane:
             return
         with self._lock:
             self._collect()
+            answered, self._answered = self._answered, None
             handshake = self._handshake
             pending = self._call is not None or (handshake is not None and not handshake.done())
+        self._deliver(answered)
         if pending:
             self._recheck = self._loop.call_later(next(waits), self._look_again, waits)
 
@@ -156,8 +167,11 @@ class DirectLane:
         """Until the call in flight, if any, has ended."""
         while True:
             with self._lock:
-                if self._call is None or self._closed:
+                call = self._call
+                if call is None or self._closed:
                     return
+                if call.outcome is not None and call.future.done():
+                    return  # only its done-callbacks run, which may be what waits for us
                 idle = self._idle = self._loop.create_future()
             await idle
 
@@ -185,7 +199,7 @@ class DirectLane:
             self._reader_fd = -1
         if self._handshake is not None and not self._handshake.done():
             self._handshake.cancel()
-        if call is not None:
+        if call is not None and call.outcome is None:
             reason = (
                 error(call.spec)
                 if error is not None
@@ -194,6 +208,9 @@ class DirectLane:
             self.calls += 1
             self.errors += 1
             call.future._fail(reason)
+        elif call is not None:
+            # Answered: its deliverer completes it too, unless it was stopped on the way.
+            self._complete(call)
         self._transport.close_now()
 
     # ------------------------------------------------------------------ any thread
@@ -208,6 +225,7 @@ class DirectLane:
         """Send the call now if the lane is free; False leaves it to the usual path."""
         if not self._lock.acquire(blocking=False):
             return False
+        answered = None
         try:
             if self._call is not None or not self._open or self._stalled:
                 return False
@@ -235,9 +253,11 @@ class DirectLane:
             future._lane = self
             future._on_cancel = lambda: self._cancel(future)
             self._send()
+            answered, self._answered = self._answered, None  # a failed send fails the call
             return True
         finally:
             self._lock.release()
+            self._deliver(answered)
 
     def wait(self, future: Future[Any], timeout: float | None) -> None:
         """Spin on the reply ring for the caller blocked on ``future``, collecting it here."""
@@ -256,11 +276,23 @@ class DirectLane:
             self._spinners += 1
             transport.want_doorbell(False)
         deadline = time.perf_counter() + budget
+        answered = None
         try:
             while not future.done():
-                if transport.input_ready():
+                # Without the lock: the pool's loop may have closed the lane (its memory
+                # released) or the worker written nonsense; _collect, under it, tells which.
+                try:
+                    ready, unreadable = transport.input_ready(), False
+                except Exception:
+                    ready = unreadable = True
+                if ready:
                     with self._lock:
                         self._collect()
+                        answered, self._answered = self._answered, None
+                    self._deliver(answered)
+                    answered = None
+                    if unreadable:
+                        break  # the call was failed: the future is done or about to be
                     continue
                 if time.perf_counter() >= deadline:
                     break
@@ -271,8 +303,9 @@ class DirectLane:
                 self._spinners -= 1
                 if not self._spinners and not self._closed:
                     transport.want_doorbell(True)
-                    if transport.input_ready():  # published just before we asked to be rung
-                        self._collect()
+                    self._collect()  # published just before we asked to be rung
+                answered, self._answered = self._answered, None
+            self._deliver(answered)
         if future.done():
             spin.hit()
         else:
@@ -285,6 +318,8 @@ class DirectLane:
             call = self._call
             if call is None or call.future is not future or self._closed:
                 return
+            if call.outcome is not None:
+                return  # answered: the future is being completed (cancelled, it stays so)
             self._call = None
             self.calls += 1
             self._wake_idle()
@@ -318,11 +353,13 @@ class DirectLane:
                 flushed = self._transport.flush_nowait()
             except Exception as exc:
                 self._broken(exc)
-                return
-            if flushed:
-                self._stalled = False
-                return
-        self._loop.call_later(next(waits), self._flush_later, waits)
+                flushed = True
+            else:
+                self._stalled = self._stalled and not flushed
+            answered, self._answered = self._answered, None
+        self._deliver(answered)
+        if not flushed:
+            self._loop.call_later(next(waits), self._flush_later, waits)
 
     def _collect(self) -> None:
         """Take every frame the worker published and act on it."""
@@ -350,20 +387,20 @@ class DirectLane:
                     result = _decode(_codecs(call.spec).result, payload, self._buffers)
                 except Exception as exc:
                     self.errors += 1
-                    call.future._fail(exc)
+                    self._answer(call, False, exc)
                 else:
                     self._record_latency(time.perf_counter() - call.started)
-                    call.future._resolve(result)
+                    self._answer(call, True, result)
             case ErrorReceived(channel_id, payload):
                 call = self._take(channel_id)
                 if call is not None:
                     self.errors += 1
-                    call.future._fail(_remote_exception(payload))
+                    self._answer(call, False, _remote_exception(payload))
             case ChannelCancelled(channel_id, reason):
                 call = self._take(channel_id)
                 if call is not None:
                     self.errors += 1
-                    call.future._fail(_cancel_error(reason, call.spec))
+                    self._answer(call, False, _cancel_error(reason, call.spec))
             case PayloadDropped(_, payload):
                 self._discard(payload)
             case HandshakeComplete():
@@ -377,12 +414,38 @@ class DirectLane:
 
     def _take(self, channel_id: int) -> _LaneCall | None:
         call = self._call
-        if call is None or call.channel_id != channel_id:
+        if call is None or call.channel_id != channel_id or call.outcome is not None:
             return None
-        self._call = None
         self.calls += 1
-        self._wake_idle()
         return call
+
+    def _answer(self, call: _LaneCall, ok: bool, value: Any) -> None:
+        call.outcome = (ok, value)
+        self._answered = call
+
+    # ------------------------------------------------------------------ after the lock
+
+    def _deliver(self, call: _LaneCall | None) -> None:
+        """Complete an answered call's future (running its done-callbacks), then free the
+        lane; called by the thread that took it from ``_answered``, without the lock."""
+        if call is None:
+            return
+        try:
+            self._complete(call)
+        finally:
+            with self._lock:
+                if self._call is call:
+                    self._call = None
+                    self._wake_idle()
+
+    @staticmethod
+    def _complete(call: _LaneCall) -> None:
+        assert call.outcome is not None
+        ok, value = call.outcome
+        if ok:
+            call.future._resolve(value)
+        else:
+            call.future._fail(value)
 
     def _wake_idle(self) -> None:
         idle, self._idle = self._idle, None
@@ -401,14 +464,13 @@ class DirectLane:
         """The link failed (a protocol error, the worker gone): no more calls through it;
         the call in flight fails now. The pool closes the lane when the worker ends."""
         self._open = False
-        call, self._call = self._call, None
-        if call is not None:
+        call = self._call
+        if call is not None and call.outcome is None:
             self.calls += 1
             self.errors += 1
             error = Unavailable(f"{call.spec.qualified_name}: the worker's lane failed: {exc}")
             error.__cause__ = exc
-            call.future._fail(error)
-        self._wake_idle()
+            self._answer(call, False, error)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

@@ -4,8 +4,11 @@ reply itself, with the same outcomes as the usual path through the pool's loop."
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -200,3 +203,104 @@ def test_calls_from_an_event_loop_take_the_usual_path(pool: PluginPool[Calculato
     before = pool.stats()["direct_calls"]
     assert anyio.run(main) == 5
     assert pool.stats()["direct_calls"] == before
+
+
+def test_a_done_callback_may_wait_for_the_pool_s_loop() -> None:
+    # The thread that collects a lane's reply runs the future's done-callbacks: the caller's
+    # own, here (it spins for longer than the call takes, so the worker never rings). Such a
+    # callback may wait for the pool's loop, which must not then wait for the lane: it used
+    # to run with the lane's lock held, and the loop takes that lock to reap the worker.
+    with PluginPool(Calculator, workers=1, spin=1.0) as pool:
+        _until_lanes_open(pool)
+        old_pid = pool.workers[0].pid
+        assert old_pid is not None
+        outcome: dict[str, object] = {}
+
+        def follow_up(_: object) -> None:
+            outcome["thread"] = threading.get_ident()
+            loop = pool._core._loop
+            if loop is not None and loop.in_loop_thread():
+                return  # the pool's loop collected the reply: nothing may block there
+            os.kill(old_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while "pid" not in outcome:  # calls may still reach the dead worker, and fail
+                with contextlib.suppress(rapace.WorkerCrashed, rapace.Unavailable):
+                    outcome["pid"] = pool.submit(Calculator.pid).result(timeout=10)
+                assert time.monotonic() < deadline
+
+        future = pool.submit(Calculator.sleep, 0.1)
+        future.add_done_callback(follow_up)
+        assert future.result(timeout=WAIT) == 0.1
+        if outcome["thread"] != threading.get_ident():
+            pytest.skip("the pool's loop collected the reply, not the caller")
+        assert outcome.get("pid") not in (None, old_pid), outcome  # the replacement answered
+
+
+def test_a_done_callback_that_submits_does_not_take_its_own_lane() -> None:
+    # Re-entrant: the lane is still busy with the call being delivered.
+    with PluginPool(Calculator, workers=1) as pool:
+        _until_lanes_open(pool)
+        chained: list[concurrent.futures.Future[int]] = []
+        first = pool.submit(Calculator.sleep, 0.05)
+        first.add_done_callback(lambda _: chained.append(pool.submit(Calculator.add, 2, 3)))
+        assert first.result(timeout=WAIT) == 0.05
+        assert chained[0].result(timeout=WAIT) == 5
+        assert pool.stats()["in_flight"] == 0
+
+
+def test_a_lane_closed_under_a_spinning_caller_fails_its_call() -> None:
+    # The pool closes a lane on its loop (the worker was reaped) while a caller may be
+    # spinning on it; the caller looks at the ring without the lane's lock. Forced here:
+    # the lane closes between the caller's check of its future and its look at the ring.
+    with PluginPool(Calculator, workers=1, spin=2.0) as pool:
+        _until_lanes_open(pool)
+        lane = pool._core._slots[0].lane
+        assert lane is not None
+        transport = lane._transport
+        look = transport.input_ready
+        closed = threading.Event()
+        loop = pool._core._aio_loop
+        assert loop is not None
+
+        def close_first() -> bool:
+            if not closed.is_set():
+                loop.call_soon_threadsafe(lambda: (lane.close(), closed.set()))
+                assert closed.wait(WAIT)
+            return look()
+
+        transport.input_ready = close_first  # type: ignore[method-assign]
+        future = pool.submit(Calculator.sleep, 0.3)
+        assert future._lane is lane
+        with pytest.raises(rapace.Unavailable, match="lane was closed"):
+            future.result(timeout=WAIT)
+        # The worker lives on: calls take the loop, the pool shuts down cleanly.
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5
+
+
+def test_a_done_callback_may_shut_the_pool_down() -> None:
+    # shutdown() waits for the lanes' calls: a call whose future is complete, with only its
+    # done-callbacks still running, has finished; waiting for it would wait for this one.
+    pool = PluginPool(Calculator, workers=1, spin=1.0).start()
+    _until_lanes_open(pool)
+    shut = threading.Event()
+    where: list[bool] = []
+
+    def stop(_: object) -> None:
+        loop = pool._core._loop
+        where.append(loop is not None and loop.in_loop_thread())
+        if not where[0]:
+            pool.shutdown()
+            shut.set()
+
+    future = pool.submit(Calculator.sleep, 0.1)
+    future.add_done_callback(stop)
+    # The caller, in a thread of its own: should shutdown() hang in the callback, this
+    # test fails instead of hanging too.
+    caller = threading.Thread(target=future.result, args=(WAIT,), daemon=True)
+    caller.start()
+    caller.join(WAIT)
+    if where == [True]:
+        pool.shutdown()
+        pytest.skip("the pool's loop collected the reply, not the caller")
+    assert shut.is_set(), "shutdown() from a done-callback did not return"
+    assert future.result() == 0.1
