@@ -8,8 +8,12 @@ Workloads (``add(2, 3)``-sized calls), for ``workers=1`` and ``workers=2``:
 - map throughput: ``map(f, xs, chunksize=256)``;
 - start-up: ``with PluginPool(S, workers=4)`` until ready, and an idle worker's CPU use.
 
-Goals (pool issue): sync p50 10x under ProcessPoolExecutor's and under the pipe's; submit
-throughput 20x ProcessPoolExecutor's; map at least ProcessPoolExecutor.map's; ready in 0.5 s.
+Beside them, the shm session alone (bench_shm.py's ``await calc.add(2, 3)`` over
+RpcSession): the async latency's yardstick.
+
+Goals (pool issue): sync p50 10x under ProcessPoolExecutor's and under the pipe's; async p50
+within 1.5x of the shm session's; submit throughput 20x ProcessPoolExecutor's; map at least
+ProcessPoolExecutor.map's; ready in 0.5 s.
 Run: ``python benchmarks/bench_pool.py [--calls N] [--json PATH]``.
 """
 
@@ -112,6 +116,24 @@ async def _async_latency(workers: int, calls: int) -> float:
     return samples[len(samples) // 2] * 1e6
 
 
+def bench_session(calls: int) -> dict[str, float]:
+    """The shm session on its own (bench_shm.py): what ``await pool.proxy.add`` builds on."""
+    import bench_shm
+
+    from rapace._connect import Proxy
+    from rapace.service import service_spec
+    from rapace.session import open_session
+    from rapace.wire import Role
+
+    async def body(transport: Any) -> dict[str, float]:
+        async with open_session(transport, role=Role.INITIATOR) as session:
+            calc: Any = Proxy(session, service_spec(bench_shm.Calculator))
+            return await bench_shm._latency(lambda: calc.add(2, 3), calls)
+
+    result: dict[str, float] = anyio.run(bench_shm._with_peer, "session", body)
+    return result
+
+
 def bench_executor(workers: int, calls: int) -> dict[str, float]:
     with concurrent.futures.ProcessPoolExecutor(workers) as ex:
         row = _latency(lambda: ex.submit(add, 2, 3).result(), calls // 4)
@@ -148,6 +170,7 @@ def main() -> int:
         results[f"rapace_w{workers}"] = bench_rapace(workers, args.calls)
         results[f"executor_w{workers}"] = bench_executor(workers, args.calls)
     results["pipe"] = _bench_pipe(args.calls)
+    results["shm_session"] = bench_session(args.calls)
     results["startup"] = bench_startup()
     ratios = {}
     for workers in (1, 2):
@@ -159,6 +182,9 @@ def main() -> int:
         )
         ratios[f"w{workers}_map256_rapace_over_executor"] = (
             mine["map256_per_s"] / theirs["map256_per_s"]
+        )
+        ratios[f"w{workers}_async_p50_over_shm_session"] = (
+            mine["async_p50_us"] / results["shm_session"]["p50_us"]
         )
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {args.calls} calls")
     header = f"  {'system':<14} {'p50 us':>8} {'p99 us':>8} {'async p50':>10} "

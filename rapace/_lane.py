@@ -130,6 +130,7 @@ class DirectLane:
         try:
             await asyncio.wait_for(asyncio.shield(self._handshake), HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, Exception):
+            self.close()  # no reader, no timers left behind; the worker serves its main link
             return False
         self._may_spin = self._transport.may_spin()
         self._open = True
@@ -301,15 +302,21 @@ class DirectLane:
         finally:
             with self._lock:
                 self._spinners -= 1
+                unanswered = False
                 if not self._spinners and not self._closed:
                     transport.want_doorbell(True)
                     self._collect()  # published just before we asked to be rung
+                    call = self._call
+                    unanswered = call is not None and call.outcome is None
                 answered, self._answered = self._answered, None
             self._deliver(answered)
         if future.done():
             spin.hit()
         else:
             spin.miss(long=True)
+        if unanswered:
+            # Ours, or another thread's made meanwhile: its reply may be published in the
+            # instant the doorbell was asked for, and not ring (rapace.shm._doorbell).
             with contextlib.suppress(RuntimeError):  # the loop is gone: the pool is closed
                 self._loop.call_soon_threadsafe(self._schedule_look_again)
 

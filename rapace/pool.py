@@ -247,6 +247,7 @@ class _PoolCore(Generic[S]):
         self._startup_error: BaseException | None = None
         self._stats_calls = 0
         self._stats_direct = 0  # of replaced workers' lanes (rapace._lane)
+        self._stats_lock = threading.Lock()
         self._stats_errors = 0
         self._retired: collections.Counter[str] = collections.Counter()  # of replaced workers
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
@@ -762,32 +763,31 @@ class _PoolCore(Generic[S]):
 
     def _close_lane(self, slot: _Slot, launch: WorkerLaunch) -> None:
         """The worker was reaped: fail its lane's call (a crash names the worker)."""
-        lane, slot.lane, slot.lane_driver = slot.lane_driver, None, None
+        lane, slot.lane = slot.lane_driver, None
         if lane is None:
             if launch.lane is not None:
                 launch.lane.close_now()
             return
-        if lane.busy:
-            code = launch.exit_code
-            crashed = self._state == "running" or code != 0
+        code = launch.exit_code
+        crashed = self._state == "running" or code != 0
 
-            def error(spec: MethodSpec) -> BaseException:
-                if not crashed:
-                    return Unavailable(f"{spec.qualified_name}: the worker stopped")
-                return WorkerCrashed(
-                    f"worker {slot.index} (pid {launch.pid}) {describe_exit(code)} while "
-                    f"running {spec.qualified_name}",
-                    pid=launch.pid,
-                    exitcode=code,
-                    method=spec.qualified_name,
-                )
+        def error(spec: MethodSpec) -> BaseException:
+            if not crashed:
+                return Unavailable(f"{spec.qualified_name}: the worker stopped")
+            return WorkerCrashed(
+                f"worker {slot.index} (pid {launch.pid}) {describe_exit(code)} while "
+                f"running {spec.qualified_name}",
+                pid=launch.pid,
+                exitcode=code,
+                method=spec.qualified_name,
+            )
 
-            lane.close(error)
-        else:
-            lane.close()
-        self._stats_calls += lane.calls
-        self._stats_direct += lane.calls
-        self._stats_errors += lane.errors
+        lane.close(error)
+        with self._stats_lock:  # stats() sees the lane's counts once, never zero times
+            slot.lane_driver = None
+            self._stats_calls += lane.calls
+            self._stats_direct += lane.calls
+            self._stats_errors += lane.errors
 
     async def _serve_worker(self, slot: _Slot, launch: WorkerLaunch) -> bool:
         assert launch.transport is not None
@@ -1353,15 +1353,17 @@ class _PoolCore(Generic[S]):
 
         transport = collections.Counter(self._retired)
         high_water = transport.pop("ring_high_water", 0)
-        calls, errors, in_flight = self._stats_calls, self._stats_errors, self._calls
-        direct = self._stats_direct
+        with self._stats_lock:
+            calls, errors, in_flight = self._stats_calls, self._stats_errors, self._calls
+            direct = self._stats_direct
+            for slot in self._slots:
+                lane = slot.lane_driver
+                if lane is not None:
+                    calls += lane.calls
+                    direct += lane.calls
+                    errors += lane.errors
+                    in_flight += lane.busy
         for slot in self._slots:
-            lane = slot.lane_driver
-            if lane is not None:
-                calls += lane.calls
-                direct += lane.calls
-                errors += lane.errors
-                in_flight += lane.busy
             launch = slot.launch
             if launch is None:
                 continue

@@ -7,14 +7,17 @@ import concurrent.futures
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 
 import rapace
+import rapace._lane
 from rapace import PluginPool
 
 from .pool_services import Calculator
@@ -304,3 +307,31 @@ def test_a_done_callback_may_shut_the_pool_down() -> None:
         pytest.skip("the pool's loop collected the reply, not the caller")
     assert shut.is_set(), "shutdown() from a done-callback did not return"
     assert future.result() == 0.1
+
+
+LANELESS_PLUGIN = """
+import rapace
+from rapace._bootstrap import Bootstrap
+from tests.integration.pool_services import Calculator
+
+# A worker that never answers on its lane, as one on an older rapace would not.
+Bootstrap.open_lane = lambda self: None
+
+if __name__ == "__main__":
+    rapace.serve(Calculator())
+"""
+
+
+def test_a_worker_that_does_not_answer_on_its_lane_is_served_the_usual_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rapace._lane, "HANDSHAKE_TIMEOUT_S", 0.3)
+    program = tmp_path / "laneless.py"
+    program.write_text(LANELESS_PLUGIN)
+    with PluginPool(Calculator, command=[sys.executable, str(program)], workers=1) as pool:
+        slot = pool._core._slots[0]
+        assert slot.lane is None
+        assert slot.lane_driver is not None
+        assert slot.lane_driver._closed  # no doorbell reader, no timer left running
+        assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5
+        assert pool.stats()["direct_calls"] == 0
