@@ -279,7 +279,8 @@ class DirectLane:
         deadline = time.perf_counter() + budget
         answered = None
         try:
-            while not future.done():
+            looks = 0
+            while True:
                 # Without the lock: the pool's loop may have closed the lane (its memory
                 # released) or the worker written nonsense; _collect, under it, tells which.
                 try:
@@ -292,9 +293,14 @@ class DirectLane:
                         answered, self._answered = self._answered, None
                     self._deliver(answered)
                     answered = None
-                    if unreadable:
-                        break  # the call was failed: the future is done or about to be
+                    if unreadable or future.done():
+                        break  # answered; or the call was failed, or is about to be
                     continue
+                looks += 1
+                # Only this thread or a close completes the future while it spins: the
+                # future's lock need not be taken on every look.
+                if looks & 15 == 0 and future.done():
+                    break
                 if time.perf_counter() >= deadline:
                     break
                 # Lets a peer or thread sharing this CPU run; costs ~1 us across CPUs.
@@ -305,7 +311,8 @@ class DirectLane:
                 unanswered = False
                 if not self._spinners and not self._closed:
                     transport.want_doorbell(True)
-                    self._collect()  # published just before we asked to be rung
+                    if transport.input_ready():  # published just before we asked to be rung
+                        self._collect()
                     call = self._call
                     unanswered = call is not None and call.outcome is None
                 answered, self._answered = self._answered, None
