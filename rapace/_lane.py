@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -59,10 +60,11 @@ HANDSHAKE_TIMEOUT_S: Final = 5.0
 
 
 class _LaneCall:
-    __slots__ = ("channel_id", "future", "outcome", "spec", "started")
+    __slots__ = ("channel_id", "future", "number", "outcome", "spec", "started")
 
-    def __init__(self, channel_id: int, spec: MethodSpec, future: Future[Any]) -> None:
+    def __init__(self, channel_id: int, spec: MethodSpec, future: Future[Any], number: int) -> None:
         self.channel_id = channel_id
+        self.number = number
         self.spec = spec
         self.future = future
         self.started = time.perf_counter()
@@ -104,6 +106,7 @@ class DirectLane:
         self._reader_fd = -1
         self.calls = 0
         self.errors = 0
+        self._calls_made = 0
         transport.want_doorbell(True)
 
     @property
@@ -250,9 +253,13 @@ class DirectLane:
                 self.errors += 1
                 future._fail(exc)
                 return True
-            self._call = _LaneCall(channel_id, spec, future)
+            self._call = _LaneCall(channel_id, spec, future, self._calls_made + 1)
             future._lane = self
-            future._on_cancel = lambda: self._cancel(future)
+            # By the call's number, not the future: a hook holding the future would make a
+            # cycle that keeps its result (a lease on shared memory) alive until the next
+            # garbage collection, and the worker could not reuse its buffer blocks.
+            self._calls_made += 1
+            future._on_cancel = functools.partial(self._cancel, self._calls_made)
             self._send()
             answered, self._answered = self._answered, None  # a failed send fails the call
             return True
@@ -327,10 +334,10 @@ class DirectLane:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the pool is closed
                 self._loop.call_soon_threadsafe(self._schedule_look_again)
 
-    def _cancel(self, future: Future[Any]) -> None:
+    def _cancel(self, number: int) -> None:
         with self._lock:
             call = self._call
-            if call is None or call.future is not future or self._closed:
+            if call is None or call.number != number or self._closed:
                 return
             if call.outcome is not None:
                 return  # answered: the future is being completed (cancelled, it stays so)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import os
 import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -335,3 +337,21 @@ def test_a_worker_that_does_not_answer_on_its_lane_is_served_the_usual_way(
         assert slot.lane_driver._closed  # no doorbell reader, no timer left running
         assert pool.submit(Calculator.add, 2, 3).result(timeout=WAIT) == 5
         assert pool.stats()["direct_calls"] == 0
+
+
+@pytest.mark.parametrize("path", ["lane", "loop"])
+def test_a_finished_future_is_freed_with_its_last_reference(path: str) -> None:
+    """No reference cycle keeps a result alive until a garbage collection: a result may be a
+    lease on shared memory that the worker needs back to reuse its buffer blocks."""
+    options = {"call_timeout": 60.0} if path == "loop" else {}
+    with PluginPool(Calculator, workers=1, **options) as pool:  # type: ignore[arg-type]
+        future = pool.submit(Calculator.add, 2, 3)
+        assert future.result(timeout=WAIT) == 5
+        assert pool.stats()["direct_calls"] == (1 if path == "lane" else 0)
+        gc.disable()
+        try:
+            freed = weakref.ref(future)
+            del future
+            assert freed() is None
+        finally:
+            gc.enable()
