@@ -674,6 +674,8 @@ class ShmTransport:
                         self._spin.hit()
                         self.stats.spin_hits += 1
                         return
+                    if self._peer_dead is not None or self._closed:
+                        return  # rung by mark_peer_dead or a close: the caller sees why
                     if time.perf_counter() >= deadline:
                         break
         spun = budget > 0

@@ -114,3 +114,13 @@ def test_host_killed_its_workers_exit_and_nothing_remains(tmp_path: Path, transp
             host.stdout.close()
     prefixes = [f"{SHM_PREFIX}{pid:x}_" for pid in (host.pid, *pids)]
     assert [n for n in os.listdir(SHM_DIR) if n.startswith(tuple(prefixes))] == []
+
+
+def test_a_killed_worker_is_reported_as_crashed_however_long_the_host_spins() -> None:
+    """A receiver spinning on its ring notices the peer's death as a parked one does: the
+    call fails with WorkerCrashed, and the next one goes to the replacement."""
+    with PluginPool(Calculator, workers=1, spin=2.0, call_timeout=60) as pool:
+        with pytest.raises(rapace.WorkerCrashed) as caught:
+            pool.submit(Calculator.die, "kill").result(timeout=30)
+        assert caught.value.exitcode == -9
+        assert pool.submit(Calculator.add, 1, 1).result(timeout=30) == 2
