@@ -9,12 +9,14 @@ Session, which no task owns: the thread that makes a call writes the request, sp
 reply ring (the worker spins too), decodes the reply and completes the future itself; the
 pool's loop stays asleep.
 
-A lane carries one call at a time; calls that find it busy take the usual path. Whoever
+A lane carries up to :data:`MAX_IN_FLIGHT` calls; a thread that keeps many in flight (a
+window of futures) writes them all itself, and whoever spins collects every reply that
+comes, its own and the others'. Calls that find the lanes full take the usual path. Whoever
 holds the lane's lock may drive it, for a few microseconds at a time, never while waiting.
 A reply is decoded under the lock, but the future is completed after it is released, by the
 same thread: done-callbacks are user code that may block (on the pool's loop, which takes
-the lock to collect replies and to reap a worker) or call the pool again. The lane stays
-busy until then, so a call a callback makes takes the usual path.
+the lock to collect replies and to reap a worker) or call the pool again. A call stays on
+the lane until then.
 When nobody spins (the future is awaited, or waited for with callbacks, or its call outlasts
 the spin), the worker rings the lane's doorbell and the pool's loop collects the reply.
 Publishing "ring me" can race with the worker's publishing of the reply (see
@@ -52,11 +54,15 @@ from rapace.wire import (
 )
 from rapace.wire._session import Session
 
-__all__ = ("DirectLane",)
+__all__ = ("DirectLane", "LaneGroup")
 
 #: A worker that does not answer the lane's hello within this is served the usual way only
 #: (a plugin program on an older rapace, say).
 HANDSHAKE_TIMEOUT_S: Final = 5.0
+
+#: Calls one lane carries at once: a window of 64 futures from one thread fits in one lane,
+#: and its link (rapace._workers.LANE_OPTIONS) has room for their frames and small payloads.
+MAX_IN_FLIGHT: Final = 64
 
 
 class _LaneCall:
@@ -72,6 +78,27 @@ class _LaneCall:
         self.outcome: tuple[bool, Any] | None = None
 
 
+class LaneGroup:
+    """A pool's open lanes, which a spinning caller watches together."""
+
+    __slots__ = ("_lanes",)
+
+    def __init__(self) -> None:
+        self._lanes: tuple[DirectLane, ...] = ()  # replaced, never changed: read anywhere
+
+    def add(self, lane: DirectLane) -> None:
+        self._lanes = (*self._lanes, lane)
+
+    def remove(self, lane: DirectLane) -> None:
+        self._lanes = tuple(other for other in self._lanes if other is not lane)
+
+    def others(self, lane: DirectLane) -> tuple[DirectLane, ...]:
+        lanes = self._lanes
+        if len(lanes) < 2:
+            return ()
+        return tuple(other for other in lanes if other is not lane)
+
+
 class DirectLane:
     """The host's side of one worker's lane. Made, shaken hands with and closed on the
     pool's loop; :meth:`try_call` and :meth:`wait` run in any thread."""
@@ -83,7 +110,9 @@ class DirectLane:
         *,
         spin: float,
         record_latency: Callable[[float], None],
+        group: LaneGroup | None = None,
     ) -> None:
+        self.group = group if group is not None else LaneGroup()
         self._transport = transport
         self._loop = loop
         self._record_latency = record_latency
@@ -92,8 +121,9 @@ class DirectLane:
         )
         self._buffers: Any = transport.buffers
         self._lock = threading.Lock()
-        self._call: _LaneCall | None = None
-        self._answered: _LaneCall | None = None  # for the lock's holder to deliver
+        # By channel id: calls sent, until their futures are completed.
+        self._calls: dict[int, _LaneCall] = {}
+        self._answered: list[_LaneCall] = []  # for the lock's holder to deliver
         self._open = False  # handshake done, not closing
         self._closed = False
         self._stalled = False  # frames wait in the transport for room (see _send)
@@ -103,6 +133,7 @@ class DirectLane:
         self._handshake: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
         self._recheck: asyncio.TimerHandle | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._reader_fd = -1
         self.calls = 0
         self.errors = 0
@@ -110,8 +141,8 @@ class DirectLane:
         transport.want_doorbell(True)
 
     @property
-    def busy(self) -> bool:
-        return self._call is not None
+    def in_flight(self) -> int:
+        return len(self._calls)
 
     @property
     def stats(self) -> Any:
@@ -144,20 +175,20 @@ class DirectLane:
             os.eventfd_read(self._reader_fd)
         with self._lock:
             self._collect()
-            answered, self._answered = self._answered, None
+            answered = self._take_answered()
         self._deliver(answered)
 
     def _look_again(self, waits: Any) -> None:
-        """A caller stopped spinning with its call unanswered: look now and then while it
+        """A caller stopped spinning with a call unanswered: look now and then while one
         stays so (a reply published as the caller asked to be rung may not have rung)."""
         self._recheck = None
         if self._closed:
             return
         with self._lock:
             self._collect()
-            answered, self._answered = self._answered, None
+            answered = self._take_answered()
             handshake = self._handshake
-            pending = self._call is not None or (handshake is not None and not handshake.done())
+            pending = self._unanswered() or (handshake is not None and not handshake.done())
         self._deliver(answered)
         if pending:
             self._recheck = self._loop.call_later(next(waits), self._look_again, waits)
@@ -168,53 +199,56 @@ class DirectLane:
             self._recheck = self._loop.call_later(next(waits), self._look_again, waits)
 
     async def wait_idle(self) -> None:
-        """Until the call in flight, if any, has ended."""
+        """Until the calls in flight, if any, have ended."""
         while True:
             with self._lock:
-                call = self._call
-                if call is None or self._closed:
+                if self._closed or all(
+                    call.outcome is not None and call.future.done() for call in self._calls.values()
+                ):
+                    # (A call answered and completed may still be on the lane: its
+                    # done-callbacks run, and may be what waits for us.)
                     return
-                if call.outcome is not None and call.future.done():
-                    return  # only its done-callbacks run, which may be what waits for us
                 idle = self._idle = self._loop.create_future()
             await idle
 
     def cancel_in_flight(self) -> None:
-        call = self._call
-        if call is not None:
+        for call in list(self._calls.values()):
             call.future.cancel()
 
     def close(self, error: Callable[[MethodSpec], BaseException] | None = None) -> None:
-        """Stop: fail the call in flight with ``error(spec)`` (the worker is gone) or
+        """Stop: fail the calls in flight with ``error(spec)`` (the worker is gone) or
         Unavailable, and release the link."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._open = False
-            call, self._call = self._call, None
+            calls = list(self._calls.values())
+            self._calls.clear()
             self._wake_idle()
-        if self._recheck is not None:
-            self._recheck.cancel()
-            self._recheck = None
+        for timer in (self._recheck, self._flush_timer):
+            if timer is not None:
+                timer.cancel()
+        self._recheck = self._flush_timer = None
         if self._reader_fd >= 0:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._reader_fd)
             self._reader_fd = -1
         if self._handshake is not None and not self._handshake.done():
             self._handshake.cancel()
-        if call is not None and call.outcome is None:
-            reason = (
-                error(call.spec)
-                if error is not None
-                else Unavailable(f"{call.spec.qualified_name}: the worker's lane was closed")
-            )
-            self.calls += 1
-            self.errors += 1
-            call.future._fail(reason)
-        elif call is not None:
-            # Answered: its deliverer completes it too, unless it was stopped on the way.
-            self._complete(call)
+        for call in calls:
+            if call.outcome is None:
+                reason = (
+                    error(call.spec)
+                    if error is not None
+                    else Unavailable(f"{call.spec.qualified_name}: the worker's lane was closed")
+                )
+                self.calls += 1
+                self.errors += 1
+                call.future._fail(reason)
+            else:
+                # Answered: its deliverer completes it too, unless it was stopped on the way.
+                self._complete(call)
         self._transport.close_now()
 
     # ------------------------------------------------------------------ any thread
@@ -226,12 +260,12 @@ class DirectLane:
         kwargs: Mapping[str, Any],
         future: Future[Any],
     ) -> bool:
-        """Send the call now if the lane is free; False leaves it to the usual path."""
+        """Send the call now if the lane has room; False leaves it to the usual path."""
         if not self._lock.acquire(blocking=False):
             return False
         answered = None
         try:
-            if self._call is not None or not self._open or self._stalled:
+            if len(self._calls) >= MAX_IN_FLIGHT or not self._open or self._stalled:
                 return False
             wire = self._wire
             if wire.closed or wire.go_away_received is not None:
@@ -253,22 +287,25 @@ class DirectLane:
                 self.errors += 1
                 future._fail(exc)
                 return True
-            self._call = _LaneCall(channel_id, spec, future, self._calls_made + 1)
+            self._calls_made += 1
+            number = self._calls_made
+            self._calls[channel_id] = _LaneCall(channel_id, spec, future, number)
             future._lane = self
             # By the call's number, not the future: a hook holding the future would make a
             # cycle that keeps its result (a lease on shared memory) alive until the next
             # garbage collection, and the worker could not reuse its buffer blocks.
-            self._calls_made += 1
-            future._on_cancel = functools.partial(self._cancel, self._calls_made)
+            future._on_cancel = functools.partial(self._cancel, channel_id, number)
             self._send()
-            answered, self._answered = self._answered, None  # a failed send fails the call
+            answered = self._take_answered()  # a failed send fails the calls
             return True
         finally:
             self._lock.release()
             self._deliver(answered)
 
     def wait(self, future: Future[Any], timeout: float | None) -> None:
-        """Spin on the reply ring for the caller blocked on ``future``, collecting it here."""
+        """Spin on the reply rings for the caller blocked on ``future``, collecting what
+        comes: on this lane and its group's others (a thread with calls in flight on several
+        workers gets them all back without waking the pool's loop)."""
         spin = self._spin
         if spin is None or not self._may_spin or future.done():
             return
@@ -277,35 +314,42 @@ class DirectLane:
             budget = min(budget, timeout)
         if budget <= 0:
             return
-        transport = self._transport
-        with self._lock:
-            if self._closed:
-                return
-            self._spinners += 1
-            transport.want_doorbell(False)
+        others = self.group.others(self)
+        if others:
+            spinning = [lane for lane in (self, *others) if lane._start_spinning()]
+        else:
+            spinning = [self] if self._start_spinning() else []
+        if not spinning:
+            return
         deadline = time.perf_counter() + budget
-        answered = None
         try:
             looks = 0
-            while True:
-                # Without the lock: the pool's loop may have closed the lane (its memory
-                # released) or the worker written nonsense; _collect, under it, tells which.
-                try:
-                    ready, unreadable = transport.input_ready(), False
-                except Exception:
-                    ready = unreadable = True
-                if ready:
-                    with self._lock:
-                        self._collect()
-                        answered, self._answered = self._answered, None
-                    self._deliver(answered)
-                    answered = None
-                    if unreadable or future.done():
+            while spinning:
+                collected = False
+                for lane in spinning:
+                    # Without the lock: the pool's loop may have closed the lane (its memory
+                    # released) or the worker written nonsense; _collect, under it, tells.
+                    try:
+                        ready, unreadable = lane._transport.input_ready(), False
+                    except Exception:
+                        ready = unreadable = True
+                    if ready:
+                        with lane._lock:
+                            lane._collect()
+                            answered = lane._take_answered()
+                        lane._deliver(answered)
+                        collected = True
+                    if unreadable:  # closed or broken now: nothing more to spin for there
+                        spinning.remove(lane)
+                        lane._stop_spinning()
+                        break
+                if collected:
+                    if future.done():
                         break  # answered; or the call was failed, or is about to be
                     continue
                 looks += 1
-                # Only this thread or a close completes the future while it spins: the
-                # future's lock need not be taken on every look.
+                # Only a spinner or a close completes the future meanwhile: the future's
+                # lock need not be taken on every look.
                 if looks & 15 == 0 and future.done():
                     break
                 if time.perf_counter() >= deadline:
@@ -313,74 +357,97 @@ class DirectLane:
                 # Lets a peer or thread sharing this CPU run; costs ~1 us across CPUs.
                 os.sched_yield()
         finally:
-            with self._lock:
-                self._spinners -= 1
-                unanswered = False
-                if not self._spinners and not self._closed:
-                    transport.want_doorbell(True)
-                    if transport.input_ready():  # published just before we asked to be rung
-                        self._collect()
-                    call = self._call
-                    unanswered = call is not None and call.outcome is None
-                answered, self._answered = self._answered, None
-            self._deliver(answered)
+            for lane in spinning:
+                lane._stop_spinning()
         if future.done():
             spin.hit()
         else:
             spin.miss(long=True)
+
+    def _start_spinning(self) -> bool:
+        with self._lock:
+            if self._closed or not self._open:
+                return False
+            self._spinners += 1
+            self._transport.want_doorbell(False)
+            return True
+
+    def _stop_spinning(self) -> None:
+        with self._lock:
+            self._spinners -= 1
+            unanswered = False
+            if not self._spinners and not self._closed:
+                self._transport.want_doorbell(True)
+                if self._transport.input_ready():  # published just before we asked to be rung
+                    self._collect()
+                unanswered = self._unanswered()
+            answered = self._take_answered()
+        self._deliver(answered)
         if unanswered:
-            # Ours, or another thread's made meanwhile: its reply may be published in the
-            # instant the doorbell was asked for, and not ring (rapace.shm._doorbell).
+            # Its reply may be published in the instant the doorbell was asked for, and not
+            # ring (rapace.shm._doorbell): the pool's loop looks again after a while.
             with contextlib.suppress(RuntimeError):  # the loop is gone: the pool is closed
                 self._loop.call_soon_threadsafe(self._schedule_look_again)
 
-    def _cancel(self, number: int) -> None:
+    def _cancel(self, channel_id: int, number: int) -> None:
         with self._lock:
-            call = self._call
+            call = self._calls.get(channel_id)
             if call is None or call.number != number or self._closed:
                 return
             if call.outcome is not None:
                 return  # answered: the future is being completed (cancelled, it stays so)
-            self._call = None
+            del self._calls[channel_id]
             self.calls += 1
-            self._wake_idle()
+            if not self._calls:
+                self._wake_idle()
             with contextlib.suppress(RapaceError):
-                self._wire.cancel(call.channel_id, CancelReason.CLIENT_CANCEL)
+                self._wire.cancel(channel_id, CancelReason.CLIENT_CANCEL)
             self._send()
 
     # ------------------------------------------------------------------ under the lock
 
     def _send(self) -> None:
+        transport = self._transport
         frames = self._wire.frames_to_send()
         if not frames:
             return
         try:
-            done = self._transport.send_nowait(frames)
+            done = transport.send_nowait(frames)
         except Exception as exc:
             self._broken(exc)
             return
-        if not done:
-            # One call at a time leaves the ring and the slots free, so this wants a peer
-            # that stopped taking frames: wait for room on the loop, calls go the usual way.
+        if not done and not self._stalled:
+            # Out of descriptors or slots: the frames wait in the transport, in order, and
+            # new calls take the usual path until the worker has taken them. It rings when
+            # it returns slots or takes descriptors; the loop also looks now and then.
             self._stalled = True
+            transport.want_space(True)
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._flush_later, park_timeouts())
 
+    def _unstall(self) -> None:
+        try:
+            flushed = self._transport.flush_nowait()
+        except Exception as exc:
+            self._broken(exc)
+            flushed = True
+        if flushed:
+            self._stalled = False
+            if not self._closed:
+                self._transport.want_space(False)
+
     def _flush_later(self, waits: Any) -> None:
+        self._flush_timer = None
         if self._closed:
             return
         with self._lock:
-            try:
-                flushed = self._transport.flush_nowait()
-            except Exception as exc:
-                self._broken(exc)
-                flushed = True
-            else:
-                self._stalled = self._stalled and not flushed
-            answered, self._answered = self._answered, None
+            if self._stalled:
+                self._unstall()
+            answered = self._take_answered()
+            stalled = self._stalled
         self._deliver(answered)
-        if not flushed:
-            self._loop.call_later(next(waits), self._flush_later, waits)
+        if stalled:
+            self._flush_timer = self._loop.call_later(next(waits), self._flush_later, waits)
 
     def _collect(self) -> None:
         """Take every frame the worker published and act on it."""
@@ -390,6 +457,8 @@ class DirectLane:
             frames = self._transport.poll()
             now = time.monotonic_ns()
             events = [event for frame in frames for event in self._wire.receive_frame(frame, now)]
+            if self._stalled:
+                self._unstall()  # the worker took frames, or gave slots back
             self._send()  # what the frames asked for: credit, pongs, a GoAway's answer
         except Exception as exc:
             self._broken(exc)
@@ -434,29 +503,44 @@ class DirectLane:
                 pass  # pongs, credit: nothing a unary caller waits for
 
     def _take(self, channel_id: int) -> _LaneCall | None:
-        call = self._call
-        if call is None or call.channel_id != channel_id or call.outcome is not None:
+        call = self._calls.get(channel_id)
+        if call is None or call.outcome is not None:
             return None
         self.calls += 1
         return call
 
     def _answer(self, call: _LaneCall, ok: bool, value: Any) -> None:
         call.outcome = (ok, value)
-        self._answered = call
+        self._answered.append(call)
+
+    def _take_answered(self) -> list[_LaneCall] | None:
+        answered = self._answered
+        if not answered:
+            return None
+        self._answered = []
+        return answered
+
+    def _unanswered(self) -> bool:
+        calls = self._calls
+        return bool(calls) and any(call.outcome is None for call in calls.values())
 
     # ------------------------------------------------------------------ after the lock
 
-    def _deliver(self, call: _LaneCall | None) -> None:
-        """Complete an answered call's future (running its done-callbacks), then free the
-        lane; called by the thread that took it from ``_answered``, without the lock."""
-        if call is None:
+    def _deliver(self, answered: list[_LaneCall] | None) -> None:
+        """Complete answered calls' futures (running their done-callbacks), then take them
+        off the lane; called by the thread that took them, without the lock."""
+        if answered is None:
             return
         try:
-            self._complete(call)
+            for call in answered:
+                self._complete(call)
         finally:
             with self._lock:
-                if self._call is call:
-                    self._call = None
+                calls = self._calls
+                for call in answered:
+                    if calls.get(call.channel_id) is call:
+                        del calls[call.channel_id]
+                if not calls:
                     self._wake_idle()
 
     @staticmethod
@@ -483,15 +567,15 @@ class DirectLane:
 
     def _broken(self, exc: BaseException) -> None:
         """The link failed (a protocol error, the worker gone): no more calls through it;
-        the call in flight fails now. The pool closes the lane when the worker ends."""
+        the calls in flight fail now. The pool closes the lane when the worker ends."""
         self._open = False
-        call = self._call
-        if call is not None and call.outcome is None:
-            self.calls += 1
-            self.errors += 1
-            error = Unavailable(f"{call.spec.qualified_name}: the worker's lane failed: {exc}")
-            error.__cause__ = exc
-            self._answer(call, False, error)
+        for call in self._calls.values():
+            if call.outcome is None:
+                self.calls += 1
+                self.errors += 1
+                error = Unavailable(f"{call.spec.qualified_name}: the worker's lane failed: {exc}")
+                error.__cause__ = exc
+                self._answer(call, False, error)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

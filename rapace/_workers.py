@@ -261,14 +261,15 @@ def portable_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
 
 
 def _lane_options(link_options: LinkOptions) -> LinkOptions:
-    """A direct lane (rapace._lane) carries one call at a time: a few slots of each size
-    (larger payloads take one-off blocks, large buffers the buffer blocks, as on any link)
-    make it ~1.2 MiB of /dev/shm instead of the main link's 5.3."""
-    return LinkOptions(ring_capacity=16, classes=LANE_CLASSES, spin=link_options.spin)
+    """A direct lane (rapace._lane) carries up to 64 calls, most of them small: room for
+    their frames and small payloads (larger ones take one-off blocks, large buffers the
+    buffer blocks, as on any link) makes it ~1.6 MiB of /dev/shm instead of the main link's
+    5.3."""
+    return LinkOptions(ring_capacity=256, classes=LANE_CLASSES, spin=link_options.spin)
 
 
 #: The slot classes of a direct lane's link.
-LANE_CLASSES: Final = (SizeClass(2048, 8), SizeClass(32768, 2), SizeClass(524288, 1))
+LANE_CLASSES: Final = (SizeClass(2048, 64), SizeClass(32768, 4), SizeClass(524288, 1))
 
 
 async def launch_worker(

@@ -42,7 +42,7 @@ from rapace._errors import (
     WorkerCrashed,
 )
 from rapace._future import Future, Stream
-from rapace._lane import DirectLane
+from rapace._lane import DirectLane, LaneGroup
 from rapace._loop import (
     LoopHandle,
     LoopThread,
@@ -105,7 +105,7 @@ class _Slot:
     def load(self) -> int:
         """Calls in flight in this worker, its lane's included."""
         lane = self.lane_driver
-        return self.in_flight + (lane is not None and lane.busy)
+        return self.in_flight + (lane.in_flight if lane is not None else 0)
 
     def info(self) -> WorkerInfo:
         pid = self.launch.pid if self.launch is not None else None
@@ -222,6 +222,7 @@ class _PoolCore(Generic[S]):
         self._slots = [_Slot(i) for i in range(workers)]
         # Blocking callers may use the workers' direct lanes (no deadline to carry there).
         self._lanes = transport == "shm" and call_timeout is None
+        self._lanes_open = LaneGroup()
         self._state: Literal["new", "running", "stopping", "closed"] = "new"
         self._broken: BrokenPluginPool | None = None
         self._loop: LoopHandle | None = None
@@ -756,14 +757,18 @@ class _PoolCore(Generic[S]):
             self._aio_loop,
             spin=self._options.link.spin,
             record_latency=self._latencies.append,
+            group=self._lanes_open,
         )
         slot.lane_driver = lane  # closed with the worker, answered or not
         if await lane.handshake():
             slot.lane = lane
+            self._lanes_open.add(lane)
 
     def _close_lane(self, slot: _Slot, launch: WorkerLaunch) -> None:
         """The worker was reaped: fail its lane's call (a crash names the worker)."""
         lane, slot.lane = slot.lane_driver, None
+        if lane is not None:
+            self._lanes_open.remove(lane)
         if lane is None:
             if launch.lane is not None:
                 launch.lane.close_now()
@@ -1362,7 +1367,7 @@ class _PoolCore(Generic[S]):
                     calls += lane.calls
                     direct += lane.calls
                     errors += lane.errors
-                    in_flight += lane.busy
+                    in_flight += lane.in_flight
         for slot in self._slots:
             launch = slot.launch
             if launch is None:

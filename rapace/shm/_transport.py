@@ -383,6 +383,10 @@ class ShmTransport:
         """Ask the peer to ring (or not) after publishing: False while a thread spins."""
         self._words[self._own + ControlWord.PARKED] = 1 if wanted else 0
 
+    def want_space(self, wanted: bool) -> None:
+        """Ask the peer to ring (or not) once it has taken descriptors or returned slots."""
+        self._words[self._own + ControlWord.SPACE_WANTED] = 1 if wanted else 0
+
     @property
     def doorbell_fd(self) -> int:
         """The eventfd the peer rings for this side."""

@@ -3,6 +3,7 @@ reply itself, with the same outcomes as the usual path through the pool's loop."
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import gc
@@ -146,6 +147,34 @@ def test_shutdown_without_waiting_cancels_a_call_on_a_lane() -> None:
     pool.shutdown()  # joins the pool's thread once the worker is stopped
 
 
+def test_a_window_of_calls_from_one_thread_rides_the_lanes(
+    pool: PluginPool[Calculator],
+) -> None:
+    before = pool.stats()
+    window: collections.deque[rapace.Future[int]] = collections.deque()
+    results = []
+    for i in range(500):
+        window.append(pool.submit(Calculator.add, i, 0))
+        if len(window) >= 64:
+            results.append(window.popleft().result(timeout=WAIT))
+    results += [future.result(timeout=WAIT) for future in window]
+    assert results == list(range(500))
+    after = pool.stats()
+    assert after["direct_calls"] - before["direct_calls"] == 500
+    assert after["in_flight"] == 0
+    assert all(slot.lane is not None and slot.lane.in_flight == 0 for slot in pool._core._slots)
+
+
+def test_more_calls_than_a_lane_carries_overflow_to_the_loop() -> None:
+    with PluginPool(Calculator, workers=1) as pool:
+        _until_lanes_open(pool)
+        room = rapace._lane.MAX_IN_FLIGHT
+        futures = [pool.submit(Calculator.sleep, 0.2) for _ in range(room + 8)]
+        assert pool.stats()["in_flight"] == room + 8
+        assert [f.result(timeout=WAIT) for f in futures] == [0.2] * len(futures)
+        assert pool.stats()["direct_calls"] == room
+
+
 def test_threads_share_the_lanes(pool: PluginPool[Calculator]) -> None:
     before = pool.stats()
     results: dict[int, list[int]] = {}
@@ -172,13 +201,18 @@ def test_threads_share_the_lanes(pool: PluginPool[Calculator]) -> None:
 def test_the_lane_and_the_main_link_share_the_worker_s_handler_threads(
     threads: int, met: bool
 ) -> None:
-    # The first call takes the lane, the second the pool's loop: with handler_threads=1 the
-    # worker runs them one after the other all the same.
+    # The first call takes the lane; the second, made from an event loop, the pool's loop:
+    # with handler_threads=1 the worker runs them one after the other all the same.
     with PluginPool(Calculator, workers=1, handler_threads=threads) as pool:
         _until_lanes_open(pool)
         first = pool.submit(Calculator.meet, 2, 1.0)
-        second = pool.submit(Calculator.meet, 2, 1.0)
-        assert [first.result(timeout=WAIT), second.result(timeout=WAIT)] == [met, met]
+
+        async def second() -> bool:
+            with anyio.fail_after(WAIT):
+                return await pool.submit(Calculator.meet, 2, 1.0)
+
+        assert anyio.run(second) == met
+        assert first.result(timeout=WAIT) == met
         assert pool.stats()["direct_calls"] == 1
 
 
