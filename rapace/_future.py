@@ -135,6 +135,10 @@ class Future(concurrent.futures.Future[T]):
                 raise
         return self.result()
 
+    def _calls_back(self) -> bool:
+        """Whether completing it now would run done-callbacks (user code) in that thread."""
+        return bool(self._done_callbacks)  # type: ignore[attr-defined]
+
     def _resolve(self, result: T) -> None:
         """Set the result unless the future was cancelled meanwhile (from the pool loop)."""
         with contextlib.suppress(concurrent.futures.InvalidStateError):

@@ -15,8 +15,9 @@ comes, its own and the others'. Calls that find the lanes full take the usual pa
 holds the lane's lock may drive it, for a few microseconds at a time, never while waiting.
 A reply is decoded under the lock, but the future is completed after it is released, by the
 same thread: done-callbacks are user code that may block (on the pool's loop, which takes
-the lock to collect replies and to reap a worker) or call the pool again. A call stays on
-the lane until then.
+the lock to collect replies and to reap a worker) or call the pool again, or wait for
+another call without spinning: a spinner stops spinning, so that the workers ring again,
+before it runs any. A call stays on the lane until then.
 When nobody spins (the future is awaited, or waited for with callbacks, or its call outlasts
 the spin), the worker rings the lane's doorbell and the pool's loop collects the reply.
 Publishing "ring me" can race with the worker's publishing of the reply (see
@@ -202,11 +203,11 @@ class DirectLane:
         """Until the calls in flight, if any, have ended."""
         while True:
             with self._lock:
-                if self._closed or all(
-                    call.outcome is not None and call.future.done() for call in self._calls.values()
-                ):
-                    # (A call answered and completed may still be on the lane: its
-                    # done-callbacks run, and may be what waits for us.)
+                if self._closed or all(call.outcome is not None for call in self._calls.values()):
+                    # An answered call may still be on the lane while its deliverer runs
+                    # done-callbacks, its own or another's it collected with it, which may
+                    # be what waits for us. Its worker is done with it; close() completes
+                    # its future if the deliverer has not yet.
                     return
                 idle = self._idle = self._loop.create_future()
             await idle
@@ -315,17 +316,18 @@ class DirectLane:
         if budget <= 0:
             return
         others = self.group.others(self)
-        if others:
-            spinning = [lane for lane in (self, *others) if lane._start_spinning()]
-        else:
-            spinning = [self] if self._start_spinning() else []
+        lanes = (self, *others) if others else (self,)
+        spinning = [lane for lane in lanes if lane._start_spinning()]
         if not spinning:
             return
         deadline = time.perf_counter() + budget
+        # Replies whose futures have done-callbacks: delivered once no lane is told not to
+        # ring, as such user code may wait, without spinning, for another call on them.
+        collected: list[tuple[DirectLane, list[_LaneCall]]] = []
         try:
             looks = 0
             while spinning:
-                collected = False
+                looked = False
                 for lane in spinning:
                     # Without the lock: the pool's loop may have closed the lane (its memory
                     # released) or the worker written nonsense; _collect, under it, tells.
@@ -337,13 +339,25 @@ class DirectLane:
                         with lane._lock:
                             lane._collect()
                             answered = lane._take_answered()
-                        lane._deliver(answered)
-                        collected = True
+                        if answered is not None:
+                            if _calls_back(answered):
+                                collected.append((lane, answered))
+                            else:
+                                lane._deliver(answered)
+                        looked = True
                     if unreadable:  # closed or broken now: nothing more to spin for there
                         spinning.remove(lane)
-                        lane._stop_spinning()
+                        _stop_on(lane, collected)
                         break
                 if collected:
+                    stopped, spinning = spinning, []
+                    for lane in stopped:
+                        _stop_on(lane, collected)
+                    _deliver_all(collected)
+                    if future.done() or time.perf_counter() >= deadline:
+                        break
+                    spinning = [lane for lane in stopped if lane._start_spinning()]
+                if looked:
                     if future.done():
                         break  # answered; or the call was failed, or is about to be
                     continue
@@ -357,8 +371,10 @@ class DirectLane:
                 # Lets a peer or thread sharing this CPU run; costs ~1 us across CPUs.
                 os.sched_yield()
         finally:
-            for lane in spinning:
-                lane._stop_spinning()
+            for lane in spinning:  # every lane first, then what they had: see above
+                _stop_on(lane, collected)
+            if collected:
+                _deliver_all(collected)
         if future.done():
             spin.hit()
         else:
@@ -372,7 +388,8 @@ class DirectLane:
             self._transport.want_doorbell(False)
             return True
 
-    def _stop_spinning(self) -> None:
+    def _stop_spinning(self) -> list[_LaneCall] | None:
+        """Stop spinning here; returns what was collected, for the caller to deliver."""
         with self._lock:
             self._spinners -= 1
             unanswered = False
@@ -382,12 +399,12 @@ class DirectLane:
                     self._collect()
                 unanswered = self._unanswered()
             answered = self._take_answered()
-        self._deliver(answered)
         if unanswered:
             # Its reply may be published in the instant the doorbell was asked for, and not
             # ring (rapace.shm._doorbell): the pool's loop looks again after a while.
             with contextlib.suppress(RuntimeError):  # the loop is gone: the pool is closed
                 self._loop.call_soon_threadsafe(self._schedule_look_again)
+        return answered
 
     def _cancel(self, channel_id: int, number: int) -> None:
         with self._lock:
@@ -531,17 +548,25 @@ class DirectLane:
         off the lane; called by the thread that took them, without the lock."""
         if answered is None:
             return
-        try:
-            for call in answered:
+        error: BaseException | None = None
+        for call in answered:
+            try:
                 self._complete(call)
-        finally:
-            with self._lock:
-                calls = self._calls
-                for call in answered:
-                    if calls.get(call.channel_id) is call:
-                        del calls[call.channel_id]
-                if not calls:
-                    self._wake_idle()
+            except BaseException as exc:
+                # A callback's SystemExit or KeyboardInterrupt (concurrent.futures lets them
+                # through): the other futures must be completed all the same, as nobody else
+                # will once they leave the lane.
+                if error is None:
+                    error = exc
+        with self._lock:
+            calls = self._calls
+            for call in answered:
+                if calls.get(call.channel_id) is call:
+                    del calls[call.channel_id]
+            if not calls:
+                self._wake_idle()
+        if error is not None:
+            raise error
 
     @staticmethod
     def _complete(call: _LaneCall) -> None:
@@ -576,6 +601,29 @@ class DirectLane:
                 error = Unavailable(f"{call.spec.qualified_name}: the worker's lane failed: {exc}")
                 error.__cause__ = exc
                 self._answer(call, False, error)
+
+
+def _calls_back(answered: list[_LaneCall]) -> bool:
+    return any(call.future._calls_back() for call in answered)
+
+
+def _stop_on(lane: DirectLane, collected: list[tuple[DirectLane, list[_LaneCall]]]) -> None:
+    """Stop spinning on ``lane``; what it had collected goes to ``collected`` to deliver."""
+    answered = lane._stop_spinning()
+    if answered is not None:
+        collected.append((lane, answered))
+
+
+def _deliver_all(collected: list[tuple[DirectLane, list[_LaneCall]]]) -> None:
+    """Deliver what a spinner collected, emptying ``collected``: every lane's, whatever a
+    done-callback raises."""
+    while collected:
+        lane, answered = collected.pop(0)
+        try:
+            lane._deliver(answered)
+        except BaseException:
+            _deliver_all(collected)
+            raise
 
 
 def _settle(future: asyncio.Future[None]) -> None:

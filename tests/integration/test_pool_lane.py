@@ -389,3 +389,122 @@ def test_a_finished_future_is_freed_with_its_last_reference(path: str) -> None:
             assert freed() is None
         finally:
             gc.enable()
+
+
+def _lane_of(pool: PluginPool[Calculator]) -> rapace._lane.DirectLane:
+    lane = pool._core._slots[0].lane
+    assert lane is not None
+    return lane
+
+
+def _quiet(pool: PluginPool[Calculator]) -> None:
+    """As after a second without calls: the pool's loop no longer looks at the lanes on a
+    timer, only when a worker rings."""
+    loop = pool._core._aio_loop
+    assert loop is not None
+    stopped = threading.Event()
+
+    def stop_looking() -> None:
+        for slot in pool._core._slots:
+            lane = slot.lane
+            if lane is not None and lane._recheck is not None:
+                lane._recheck.cancel()
+                lane._recheck = None
+        stopped.set()
+
+    loop.call_soon_threadsafe(stop_looking)
+    assert stopped.wait(WAIT)
+
+
+def test_a_done_callback_may_wait_for_another_call_on_the_lane() -> None:
+    # The caller spins for longer than its call takes, so the worker does not ring; the
+    # reply's done-callback runs in the caller's thread and waits, without spinning, for
+    # another call on the lane. That reply must reach its future meanwhile: the worker has
+    # to ring again while the spinner runs user code.
+    with PluginPool(Calculator, workers=1, spin=1.0) as pool:
+        _until_lanes_open(pool)
+        _quiet(pool)
+        first = pool.submit(Calculator.sleep, 0.05)
+        second = pool.submit(Calculator.sleep, 0.2)
+        assert first._lane is second._lane is not None
+        waited: dict[str, object] = {}
+
+        def wait_for_second(_: object) -> None:
+            waited["thread"] = threading.get_ident()
+            done, _ = concurrent.futures.wait([second], timeout=5)
+            waited["second"] = bool(done)
+
+        first.add_done_callback(wait_for_second)
+        assert first.result(timeout=WAIT) == 0.05
+        if waited["thread"] != threading.get_ident():
+            pytest.skip("the pool's loop collected the reply, not the caller")
+        assert waited["second"], "the other call's reply was not collected"
+        assert second.result(timeout=WAIT) == 0.2
+
+
+def test_a_done_callback_may_shut_the_pool_down_with_more_replies_in_hand() -> None:
+    # Two replies collected at once by the spinning caller: the first one's done-callback
+    # shuts the pool down while the second, answered, is not completed yet. The one to
+    # complete it is the thread waiting in shutdown().
+    pool = PluginPool(Calculator, workers=1, spin=2.0).start()
+    _until_lanes_open(pool)
+    _quiet(pool)
+    transport = _lane_of(pool)._transport
+    transport.input_ready = lambda: transport._in.available() >= 2  # type: ignore[method-assign]
+    shut = threading.Event()
+    where: list[bool] = []
+
+    def stop(_: object) -> None:
+        loop = pool._core._loop
+        where.append(loop is not None and loop.in_loop_thread())
+        if len(where) == 1 and not where[0]:
+            pool.shutdown()
+            shut.set()
+
+    futures = [pool.submit(Calculator.sleep, 0.1) for _ in range(2)]
+    for future in futures:
+        future.add_done_callback(stop)
+    caller = threading.Thread(target=futures[0].result, args=(WAIT,), daemon=True)
+    caller.start()
+    caller.join(WAIT)
+    if where[:1] == [True]:
+        pool.shutdown()
+        pytest.skip("the pool's loop collected the replies, not the caller")
+    assert shut.is_set(), "shutdown() from a done-callback did not return"
+    assert [future.result() for future in futures] == [0.1, 0.1]
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_a_done_callback_that_raises_leaves_the_other_replies_delivered() -> None:
+    # concurrent.futures lets a callback's BaseException (SystemExit, KeyboardInterrupt)
+    # through: it reaches the waiting caller, but the other replies collected with it must
+    # still reach their futures.
+    with PluginPool(Calculator, workers=1, spin=2.0) as pool:
+        _until_lanes_open(pool)
+        _quiet(pool)
+        transport = _lane_of(pool)._transport
+        look = transport.input_ready
+        transport.input_ready = (  # type: ignore[method-assign]
+            lambda: transport._in.available() >= 3
+        )
+        futures = [pool.submit(Calculator.sleep, 0.1) for _ in range(3)]
+        raised: list[int] = []
+
+        def stop(_: object) -> None:
+            if not raised:
+                raised.append(threading.get_ident())
+                raise _Stop
+
+        for future in futures:
+            future.add_done_callback(stop)
+        with contextlib.suppress(_Stop):
+            futures[0].result(timeout=WAIT)
+        transport.input_ready = look  # type: ignore[method-assign]
+        if raised != [threading.get_ident()]:
+            pytest.skip("the pool's loop collected the replies, not the caller")
+        done, _ = concurrent.futures.wait(futures, timeout=5)
+        assert len(done) == 3, "replies collected with the failing callback's were lost"
+        assert pool.stats()["in_flight"] == 0
