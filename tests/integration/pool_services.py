@@ -49,6 +49,14 @@ class Calculator:
     async def shift(self, x: int, by: int = 10) -> int:
         return x + by
 
+    async def size(self, data: bytes | str) -> int:
+        return len(data)
+
+    async def hold(self, seconds: float) -> float:
+        """Blocks the worker's event loop: it takes nothing from its links meanwhile."""
+        time.sleep(seconds)  # noqa: ASYNC251 (the point: its loop stops meanwhile)
+        return seconds
+
     async def range(self, n: int) -> Streaming[int]:
         for i in range(n):
             yield i
