@@ -135,8 +135,12 @@ def _check_dev_shm() -> Finding:
         return _missing(f"{SHM_DIR} is not writable by this user")
     stats = os.statvfs(SHM_DIR)
     free, total = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
-    link = LinkOptions().layout().total_size
-    detail = f"{_size(free)} free of {_size(total)}; a worker's link takes {_size(link)}"
+    from rapace._workers import lane_link_options
+
+    options = LinkOptions()
+    # A shared-memory worker has two links: the main one and its direct lane.
+    link = options.layout().total_size + lane_link_options(options).layout().total_size
+    detail = f"{_size(free)} free of {_size(total)}; a worker's links take {_size(link)}"
     if free < link:
         return "FAIL", f"{detail}: not even one worker fits. {_SHM_ADVICE}"
     if free < SHM_WARN_BYTES:

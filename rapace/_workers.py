@@ -260,7 +260,7 @@ def portable_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
     return kept
 
 
-def _lane_options(link_options: LinkOptions) -> LinkOptions:
+def lane_link_options(link_options: LinkOptions) -> LinkOptions:
     """A direct lane (rapace._lane) carries up to 64 calls, most of them small: room for
     their frames and small payloads (larger ones take one-off blocks, large buffers the
     buffer blocks, as on any link) makes it ~1.6 MiB of /dev/shm instead of the main link's
@@ -303,7 +303,7 @@ async def launch_worker(
             host_transport = shm_transport
             pass_fds += offer.pass_fds
             link = offer.encode()
-            lane, lane_offer = create_link(_lane_options(link_options))
+            lane, lane_offer = create_link(lane_link_options(link_options))
             pass_fds += lane_offer.pass_fds
             extra["lane"] = lane_offer.encode()
         elif transport == "unix":
