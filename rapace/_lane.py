@@ -139,6 +139,7 @@ class DirectLane:
         self.calls = 0
         self.errors = 0
         self._calls_made = 0
+        self._pid = os.getpid()
         transport.want_doorbell(True)
 
     @property
@@ -308,8 +309,8 @@ class DirectLane:
         comes: on this lane and its group's others (a thread with calls in flight on several
         workers gets them all back without waking the pool's loop)."""
         spin = self._spin
-        if spin is None or not self._may_spin or future.done():
-            return
+        if spin is None or not self._may_spin or future.done() or os.getpid() != self._pid:
+            return  # (a forked child must not touch its parent's rings)
         budget = spin.budget()
         if timeout is not None:
             budget = min(budget, timeout)

@@ -118,6 +118,20 @@ class _Slot:
 _SEQUENCES: Final = (list, tuple, range)
 
 
+class _InProcess:
+    """A finalizer's callback that runs only in the process it was made in (see _owner)."""
+
+    __slots__ = ("_callback", "_pid")
+
+    def __init__(self, pid: int, callback: Callable[[], None]) -> None:
+        self._pid = pid
+        self._callback = callback
+
+    def __call__(self) -> None:
+        if os.getpid() == self._pid:
+            self._callback()
+
+
 def _load(slot: _Slot) -> int:
     return slot.load
 
@@ -242,7 +256,11 @@ class _PoolCore(Generic[S]):
         self._spawn_in_callbacks = False
         self._waiting: set[Future[Any]] = set()
         self._processes = _Processes()
-        self._finalizer = weakref.finalize(self, self._processes.kill_all)
+        # A pool belongs to the process that made it. A child forked from that process
+        # inherits the pool object, its fds and its shared memory; without this guard it
+        # could stop the parent's pool, kill its workers, or write into its rings.
+        self._owner = os.getpid()
+        self._finalizer = weakref.finalize(self, _InProcess(self._owner, self._processes.kill_all))
         self._proxy: Any = None
         self._service_payload: bytes | None = None
         self._startup_error: BaseException | None = None
@@ -260,7 +278,7 @@ class _PoolCore(Generic[S]):
         # names removed when the pool closes or is collected; views keep their memory.
         self.arena = Arena() if SHM_SUPPORTED else None
         if self.arena is not None:
-            weakref.finalize(self, self.arena.close)
+            weakref.finalize(self, _InProcess(self._owner, self.arena.close))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -475,6 +493,8 @@ class _PoolCore(Generic[S]):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the pool like ``Executor.shutdown``: with ``wait``, calls in flight finish
         first; the workers are then stopped (goodbye, terminate, kill, each bounded)."""
+        if os.getpid() != self._owner:
+            return  # a forked child leaving a `with` block: the pool is its parent's to stop
         if self._state in ("new", "closed"):
             self._state = "closed"
             self._close_arena()
@@ -557,7 +577,8 @@ class _PoolCore(Generic[S]):
     def abandon(self) -> None:
         """The user dropped the pool without shutting it down (garbage collection, a notebook
         cell run again): stop it in the background, calls cancelled, without blocking."""
-        self._stop_in_background(cancel_futures=True)
+        if os.getpid() == self._owner:
+            self._stop_in_background(cancel_futures=True)
 
     def _stop_in_background(self, cancel_futures: bool) -> None:
         thread, loop = self._thread, self._loop
@@ -581,6 +602,8 @@ class _PoolCore(Generic[S]):
 
     async def aclose(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
         """``shutdown`` for a pool entered with ``async with`` (or from any loop)."""
+        if os.getpid() != self._owner:
+            return
         if self._thread is not None:
             await anyio.to_thread.run_sync(
                 lambda: self.shutdown(wait, cancel_futures=cancel_futures)
@@ -861,6 +884,7 @@ class _PoolCore(Generic[S]):
         raise ValueError(f"{method!r} is not a method of {self._spec.name}")
 
     def _check_open(self) -> LoopHandle:
+        self.check_owner()
         if self._state != "running":
             raise RuntimeError(f"cannot schedule new calls: the pool is {self._state}")
         assert self._loop is not None
@@ -1056,6 +1080,13 @@ class _PoolCore(Generic[S]):
             finally:
                 if future is not None:
                     self._waiting.discard(future)
+
+    def check_owner(self) -> None:
+        if os.getpid() != self._owner:
+            raise RuntimeError(
+                f"this pool belongs to process {self._owner}, not to this forked child "
+                f"({os.getpid()}): start a pool in the child to use one there"
+            )
 
     def _least_loaded(self) -> _Slot | None:
         best: _Slot | None = None
@@ -1584,15 +1615,18 @@ class PluginPool(Generic[S]):
         """A numpy array in shared memory: passing it, or any slice or view of it, to a call
         sends a reference, not its bytes, and a worker's writes to it are seen here when the
         call returns. Freed when the last view of it dies (it outlives the pool)."""
+        self._core.check_owner()
         return arena_empty(self._core.arena, shape, dtype, order)
 
     def zeros(self, shape: int | Iterable[int], dtype: Any = float, *, order: str = "C") -> Any:
         """Like :meth:`empty`, filled with zeros."""
+        self._core.check_owner()
         return arena_zeros(self._core.arena, shape, dtype, order)
 
     def buffer(self, nbytes: int) -> memoryview:
         """A writable buffer of ``nbytes`` in shared memory (a ``"B"`` memoryview), passed by
         reference like :meth:`empty`'s arrays; numpy is not needed."""
+        self._core.check_owner()
         return arena_buffer(self._core.arena, nbytes)
 
 

@@ -555,3 +555,42 @@ def test_calls_that_fill_a_lane_s_slots_wait_for_room(spinning: bool) -> None:
         direct = after["direct_calls"]
         assert pool.submit(Calculator.size, bytes(20000)).result(timeout=WAIT) == 20000
         assert pool.stats()["direct_calls"] == direct + 1
+
+
+def test_a_forked_child_cannot_use_or_stop_its_parent_s_pool() -> None:
+    """os.fork() copies the pool object, its fds and its shared memory into the child: the
+    child may neither call through it (writing into the parent's rings) nor, on its way
+    out, stop the parent's pool, kill its workers or remove its arena."""
+    from .zero_copy_services import Imaging
+
+    with PluginPool(Imaging, workers=1) as pool:
+        kept = pool.buffer(64)  # arena memory the child must leave alone
+        assert pool.submit(Imaging.pid).result(timeout=WAIT) == pool.workers[0].pid
+        worker = pool.workers[0].pid
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit code
+            code = 0
+            try:
+                for attempt in (lambda: pool.submit(Imaging.pid), lambda: pool.buffer(8)):
+                    try:
+                        attempt()
+                        code |= 1
+                    except RuntimeError:
+                        pass
+                pool.shutdown()  # a `with` block left in the child: nothing to do there
+                del pool
+                gc.collect()
+                import atexit
+
+                atexit._run_exitfuncs()  # what a normal exit runs: the pool's finalizers
+            except BaseException:
+                code |= 2
+            os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pool.workers[0].pid == worker  # not killed
+        assert pool.stats()["restarts"] == 0
+        before = pool.stats()["bytes_by_reference"]
+        assert pool.submit(Imaging.fill_view, kept, 7).result(timeout=WAIT) == 64  # not stopped
+        assert bytes(kept) == b"\x07" * 64  # the arena still shared with the worker
+        assert pool.stats()["bytes_by_reference"] == before + 64
