@@ -46,10 +46,6 @@ class BatchCodecs:
         self._width = len(value_types)
         self.results: TypeCodec[list[Any]] = codec_for(list[spec.returns], root="results")  # type: ignore[name-defined]
 
-    def encode_calls(self, calls: Sequence[tuple[Any, ...]]) -> bytes:
-        """A chunk's argument tuples (each complete, in declaration order) as one payload."""
-        return self.encode_columns(len(calls), list(map(list, zip(*calls, strict=True))))
-
     def encode_columns(self, count: int, columns: Sequence[list[Any]]) -> bytes:
         """A chunk given by column: ``count`` calls, one list per parameter."""
         return self._calls.encode((count, *columns)).data

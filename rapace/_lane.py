@@ -400,9 +400,11 @@ class DirectLane:
                     self._collect()
                 unanswered = self._unanswered()
             answered = self._take_answered()
-        if unanswered:
+        if unanswered and self._recheck is None:
             # Its reply may be published in the instant the doorbell was asked for, and not
-            # ring (rapace.shm._doorbell): the pool's loop looks again after a while.
+            # ring (rapace.shm._doorbell): the pool's loop looks again after a while. A look
+            # already pending re-arms itself while a call is unanswered, so a window of
+            # calls wakes the loop once, not once per call.
             with contextlib.suppress(RuntimeError):  # the loop is gone: the pool is closed
                 self._loop.call_soon_threadsafe(self._schedule_look_again)
         return answered

@@ -790,12 +790,11 @@ class _PoolCore(Generic[S]):
     def _close_lane(self, slot: _Slot, launch: WorkerLaunch) -> None:
         """The worker was reaped: fail its lane's call (a crash names the worker)."""
         lane, slot.lane = slot.lane_driver, None
-        if lane is not None:
-            self._lanes_open.remove(lane)
         if lane is None:
             if launch.lane is not None:
                 launch.lane.close_now()
             return
+        self._lanes_open.remove(lane)
         code = launch.exit_code
         crashed = self._state == "running" or code != 0
 

@@ -238,19 +238,25 @@ _STRUCTURED = [
     np.dtype([("a", "<i4"), ("b", ">f8", (2,))]),
     np.dtype({"names": ["x", "y"], "formats": ["u1", "<i4"], "offsets": [0, 4], "itemsize": 12}),
 ]
-array_dtypes = st.one_of(
-    hnp.boolean_dtypes(),
-    hnp.integer_dtypes(endianness="?"),
-    hnp.unsigned_integer_dtypes(endianness="?"),
-    hnp.floating_dtypes(endianness="?", sizes=(16, 32, 64)),
-    st.just(np.dtype(np.longdouble)),
-    hnp.complex_number_dtypes(endianness="?"),
-    hnp.datetime64_dtypes(endianness="?"),
-    hnp.timedelta64_dtypes(endianness="?"),
-    hnp.byte_string_dtypes(endianness="?", min_len=1, max_len=4),
-    hnp.unicode_string_dtypes(endianness="?", min_len=1, max_len=4),
-    st.sampled_from(_STRUCTURED),
-)
+
+
+def plain_dtypes(max_str_len: int) -> st.SearchStrategy[np.dtype[Any]]:
+    """Every numpy dtype without fields, in both byte orders."""
+    return st.one_of(
+        hnp.boolean_dtypes(),
+        hnp.integer_dtypes(endianness="?"),
+        hnp.unsigned_integer_dtypes(endianness="?"),
+        hnp.floating_dtypes(endianness="?", sizes=(16, 32, 64)),
+        st.just(np.dtype(np.longdouble)),
+        hnp.complex_number_dtypes(endianness="?"),
+        hnp.datetime64_dtypes(endianness="?"),
+        hnp.timedelta64_dtypes(endianness="?"),
+        hnp.byte_string_dtypes(endianness="?", min_len=1, max_len=max_str_len),
+        hnp.unicode_string_dtypes(endianness="?", min_len=1, max_len=max_str_len),
+    )
+
+
+array_dtypes = st.one_of(plain_dtypes(4), st.sampled_from(_STRUCTURED))
 
 
 def _layout(arr: np.ndarray[Any, Any], layout: str) -> np.ndarray[Any, Any]:

@@ -43,7 +43,7 @@ from rapace.shm._lease import view_of
 from rapace.shm._zerocopy import DEFAULT_COPY_THRESHOLD
 from rapace.wire import Role, TypeCodec
 from rapace.wire._codec_core import TAG_SHM_BYTES, TAG_SHM_NDARRAY
-from tests.property.strategies import same
+from tests.property.strategies import plain_dtypes, same
 
 pytestmark = [
     pytest.mark.anyio,
@@ -137,18 +137,7 @@ def address(array: Any) -> int:
 
 # -- strategies ---------------------------------------------------------------------------------
 
-scalar_dtypes = st.one_of(
-    hnp.boolean_dtypes(),
-    hnp.integer_dtypes(endianness="?"),
-    hnp.unsigned_integer_dtypes(endianness="?"),
-    hnp.floating_dtypes(endianness="?", sizes=(16, 32, 64)),
-    st.just(np.dtype(np.longdouble)),
-    hnp.complex_number_dtypes(endianness="?"),
-    hnp.datetime64_dtypes(endianness="?"),
-    hnp.timedelta64_dtypes(endianness="?"),
-    hnp.byte_string_dtypes(endianness="?", min_len=1, max_len=6),
-    hnp.unicode_string_dtypes(endianness="?", min_len=1, max_len=6),
-)
+scalar_dtypes = plain_dtypes(6)
 _PADDED = [
     np.dtype({"names": ["x", "y"], "formats": ["u1", ">i4"], "offsets": [0, 4], "itemsize": 12}),
     np.dtype([("a", "<i2"), ("b", [("c", ">f8"), ("d", "S3")], (2,))]),
