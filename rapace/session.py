@@ -20,7 +20,10 @@
 - Each incoming call runs in its own task, under its own anyio cancel scope (cancelled by
   the caller, its deadline, or the session closing), in its own copy of the context. On
   asyncio the task is a bare ``loop.create_task`` and waits are bare futures, which cost a
-  third of anyio's portable equivalents (see :mod:`rapace._runtime`).
+  third of anyio's portable equivalents (see :mod:`rapace._runtime`). The exception: a unary
+  call without a deadline to an ``async def`` with no ``await`` in it runs where it arrives,
+  in its own copy of the context but with no task or scope, which it could not use
+  (:mod:`rapace._inline`).
 - Plain ``def`` handlers run in a worker thread, so the session keeps answering pings,
   cancellations and other calls meanwhile. A cancelled plain handler cannot be interrupted:
   its caller is released at once and its result dropped.
@@ -57,6 +60,7 @@ from rapace._errors import (
     Unavailable,
     Unimplemented,
 )
+from rapace._inline import never_suspends, run_to_completion
 from rapace._remote_errors import rebuild_exception
 from rapace._runtime import Runtime, Waiter, current_runtime
 from rapace.service import MethodSpec, ServiceSpec, bind_arguments, service_spec
@@ -64,6 +68,7 @@ from rapace.streams._abc import Transport
 from rapace.wire import (
     BufferPlacer,
     BufferResolver,
+    CallKind,
     CancelReason,
     ErrorPayload,
     Frame,
@@ -256,6 +261,15 @@ class RpcSession:
             limits=limits or HelloLimits(),
             deadline_mode=transport.deadline_mode,
         )
+        # Unary handlers that cannot suspend, served where their call arrives: by name, the
+        # function judged (rapace._inline), which must still be the one called.
+        self._inline_methods: dict[str, Callable[..., Any]] = {}
+        if self._spec is not None:
+            for spec in self._spec.methods:
+                if spec.kind is CallKind.UNARY and not spec.is_sync:
+                    method = getattr(serve, spec.name)
+                    if never_suspends(method):
+                        self._inline_methods[spec.name] = getattr(method, "__func__", method)
         self._call_timeout = call_timeout
         self._ping_interval = ping_interval
         self._calls: dict[int, _CallerState] = {}
@@ -790,6 +804,16 @@ class RpcSession:
     # ------------------------------------------------------------ handler side
 
     def _start_handler(self, event: CallReceived) -> None:
+        spec = self._spec.by_id.get(event.method_id) if self._spec is not None else None
+        # A call with a deadline gets a task: its handler may read the deadline of its
+        # scope (anyio.current_effective_deadline) even if it never awaits.
+        if spec is not None and event.deadline_ns is None and spec.name in self._inline_methods:
+            method = getattr(self._serve, spec.name)
+            if getattr(method, "__func__", None) is self._inline_methods[spec.name]:
+                # In a copy of the context, as a task would be: a contextvar a handler sets
+                # is never seen by another call.
+                contextvars.copy_context().run(self._serve_inline, event, spec, method)
+                return
         # No anyio call here (see _on_frames): the scope is made from its concrete class and
         # gets its deadline in the handler's task.
         state = _HandlerState(self._scope_type(), self)
@@ -797,6 +821,40 @@ class RpcSession:
         assert self._runtime is not None
         self._runnable += 1
         self._runtime.spawn(self._serve_call, event, state)
+
+    def _serve_inline(self, event: CallReceived, spec: MethodSpec, method: Any) -> None:
+        """Serve a call to a handler that cannot suspend (rapace._inline) where it arrived.
+
+        What _call_handler does, less what only a suspension point could need: no task, no
+        cancel scope (the call has no deadline), no thread limiter.
+        """
+        channel_id = event.channel_id
+        wire = self._wire
+        try:
+            codecs = _codecs(spec)
+            try:
+                values = _decode(codecs.args, event.payload, self._buffers)
+            except DecodeError as exc:
+                raise _InvalidArgument(f"{spec.qualified_name}: {exc}") from exc
+            if codecs.keyword_only:
+                positional, keywords = _split_arguments(spec, list(values))
+                result = run_to_completion(method(*positional, **keywords))
+            else:
+                result = run_to_completion(method(*values))
+            data = _encode(codecs.result, result, self._buffers)
+        except Exception as exc:
+            payload = ErrorPayload.from_exception(exc, status=_status_of(exc)).encode()
+            terminal: Callable[[bytes], None] = partial(wire.send_error, channel_id)
+        except BaseException as exc:  # as a handler task's would, it ends the session
+            self._on_crash(exc)
+            raise
+        else:
+            payload = data
+            terminal = partial(wire.send_response, channel_id)
+        if not self.closed:
+            with contextlib.suppress(LocalProtocolError):
+                terminal(payload)
+            # Not written yet: _on_frames writes what every frame of the read queued at once.
 
     async def _serve_call(self, event: CallReceived, state: _HandlerState) -> None:
         self._runnable -= 1

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+
+# asyncio's own Task steps use these to say which task runs; there is no public spelling.
+from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
@@ -59,6 +62,7 @@ class _LoopReader:
         self._buffered = 0
         self._end: _End | None = None
         self._deliver: Callable[[memoryview], None] | None = None
+        self._receiver: asyncio.Task[Any] | None = None  # the task in receive_into
         self._failure: Exception | None = None  # what ``deliver`` raised
         self._waiter: asyncio.Future[None] | None = None
         self._reading = False
@@ -88,6 +92,12 @@ class _LoopReader:
             return
         deliver = self._deliver
         if deliver is not None:
+            task = self._receiver
+            assert task is not None
+            # The read is the receiving task's work: anything deliver runs (a session runs
+            # handlers that never suspend right there) sees that task as the current one,
+            # as anyio's cancel scopes and sniffio need.
+            _enter_task(self._loop, task)
             try:
                 deliver(buffer[:size])
             except Exception as exc:  # handed to receive_into's task, which raises it
@@ -95,6 +105,8 @@ class _LoopReader:
                 self._failure = exc
                 self._pause()
                 self._wake()
+            finally:
+                _leave_task(self._loop, task)
             return
         data = bytes(buffer[:size])
         self._chunks.append(data)
@@ -149,6 +161,7 @@ class _LoopReader:
             self._buffered -= len(data)
             deliver(memoryview(data))
         self._deliver = deliver
+        self._receiver = asyncio.current_task()
         try:
             while True:
                 if self._failure is not None:
