@@ -32,6 +32,7 @@ from typing_extensions import Buffer
 from rapace._errors import RemoteProtocolError, Status
 
 __all__ = (
+    "OPENS_MINOR",
     "PROTOCOL_VERSION",
     "CallKind",
     "CancelChannel",
@@ -53,7 +54,9 @@ __all__ = (
     "encode_control",
 )
 
-PROTOCOL_VERSION: Final = 0x0001_0000  # (major << 16) | minor
+PROTOCOL_VERSION: Final = 0x0001_0001  # (major << 16) | minor
+# The first minor version whose peers take a request that opens its own channel (OPENS).
+OPENS_MINOR: Final = 1
 FIRST_EXTENSION_VERB: Final = 100
 _MAX_CONTROL_DEPTH: Final = 8
 _MAX_NAME_BYTES: Final = 1024

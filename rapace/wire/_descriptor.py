@@ -76,6 +76,7 @@ class Flags(enum.IntFlag):
     CREDITS = 0x040
     NO_REPLY = 0x100
     RESPONSE = 0x200
+    OPENS = 0x400
 
 
 # Plain ints for the hot path: IntFlag arithmetic builds enum members on every operation.
@@ -87,8 +88,13 @@ HIGH_PRIORITY: Final = 0x020
 CREDITS: Final = 0x040
 NO_REPLY: Final = 0x100
 RESPONSE: Final = 0x200
+# A unary request that opens its own channel: OpenChannel(kind unary, the effective window,
+# no metadata) is implied, which saves a frame per call (protocol 1.1, see docs/protocol.md).
+OPENS: Final = 0x400
 RESERVED_FLAGS: Final = 0x008 | 0x080
-KNOWN_FLAGS: Final = DATA | CONTROL | EOS | ERROR | HIGH_PRIORITY | CREDITS | NO_REPLY | RESPONSE
+KNOWN_FLAGS: Final = (
+    DATA | CONTROL | EOS | ERROR | HIGH_PRIORITY | CREDITS | NO_REPLY | RESPONSE | OPENS
+)
 
 
 class Descriptor(NamedTuple):

@@ -16,7 +16,9 @@ Rules the session enforces (a peer that breaks one gets ``GoAway(PROTOCOL_ERROR)
   opened once it has arrived (the method table and the effective window come with it).
 - Every call has its own channel: the initiator opens odd ids, the acceptor even ones, and an id
   is reused only after its previous call is closed on both sides. OpenChannel precedes the
-  request; the request carries DATA, the method id and, unless the caller streams, EOS.
+  request; the request carries DATA, the method id and, unless the caller streams, EOS. A
+  unary call without metadata to a peer of protocol 1.1 or later sends no OpenChannel: its
+  request carries OPENS, which implies it.
 - Caller to handler: request, then (client-streaming, bidi) items as DATA and a lone EOS or
   DATA|EOS on the last item. Handler to caller, every frame with RESPONSE: a unary or
   client-streaming result as DATA|EOS; stream items as DATA and a lone EOS at the end; an error
@@ -60,6 +62,7 @@ from rapace._errors import (
     Unimplemented,
 )
 from rapace.wire._control import (
+    OPENS_MINOR,
     PROTOCOL_VERSION,
     SIG_HASH_BYTES,
     CallKind,
@@ -87,6 +90,7 @@ from rapace.wire._descriptor import (
     DEFAULT_DESCRIPTOR_LIMITS,
     EOS,
     ERROR,
+    OPENS,
     RESPONSE,
     SLOT_INLINE,
     Descriptor,
@@ -344,6 +348,7 @@ class Session:
         self._max_theirs = 0
         self._max_payload = 0
         self._open_tails: tuple[bytes, ...] = ()
+        self._peer_takes_opens = False  # a request may carry OPENS (the peer's Hello says)
         self._closed = False
         self._can_open = False  # handshake done, no GoAway either way, not closed
         self._go_away_sent = False
@@ -441,6 +446,8 @@ class Session:
                     Status.INVALID_FRAME,
                 )
             ch = self._channels.get(cid)
+            if desc.flags & OPENS:
+                ch = self._implied_open(ch, desc)
             if ch is None:
                 if self._peer is None:
                     raise _remote("the first frame must be the peer's Hello")
@@ -453,6 +460,19 @@ class Session:
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
+
+    def _implied_open(self, ch: _Channel | None, desc: Descriptor) -> _Channel | None:
+        """Open the channel of a request that carries OPENS, as its OpenChannel would have."""
+        cid = desc.channel_id
+        if self._peer is None:
+            raise _remote("the first frame must be the peer's Hello")
+        if ch is not None:
+            raise _remote(f"OPENS on channel {cid}, which is still open", Status.INVALID_CHANNEL)
+        flags = desc.flags
+        if flags & (DATA | EOS | RESPONSE | ERROR) != DATA | EOS or desc.method_id == 0:
+            raise _remote(f"OPENS on channel {cid} on a frame that is not a unary request")
+        self._on_open(cid, CallKind.UNARY, self._window, _EMPTY_METADATA)
+        return self._channels[cid]
 
     def _caller_frame(self, ch: _Channel, desc: Descriptor, payload: Buffer) -> list[Event]:
         """A frame from the handler of a call this side opened."""
@@ -624,6 +644,7 @@ class Session:
         self._max_payload = effective.max_payload_bytes
         window_bytes = _cbor_uint(window)
         self._open_tails = tuple(bytes((k,)) + window_bytes for k in range(len(_KINDS)))
+        self._peer_takes_opens = hello.protocol_version & 0xFFFF >= OPENS_MINOR
         return [HandshakeComplete(hello, effective)]
 
     def _on_open(
@@ -777,6 +798,28 @@ class Session:
         ch = _Channel(cid, True, call_kind, True, _OPEN, window, window, _EMPTY_METADATA)
         channels[cid] = ch
         self._ours_count += 1
+        outbox = self._outbox
+        if checked is None and call_kind is CallKind.UNARY and self._peer_takes_opens:
+            ch.send_open = False
+            msg_id = self._msg_id = self._msg_id + 1
+            desc = _new_tuple(
+                Descriptor,
+                (
+                    msg_id,
+                    cid,
+                    method_id,
+                    SLOT_INLINE,
+                    0,
+                    0,
+                    nbytes,
+                    DATA | EOS | OPENS,
+                    0,
+                    wire_deadline,
+                    _ZERO16,
+                ),
+            )
+            outbox.append(_new_tuple(Frame, (desc, payload)))
+            return cid
         if checked is None:
             open_payload = b"\x83" + _cbor_uint(cid) + self._open_tails[call_kind]
         else:
@@ -805,7 +848,6 @@ class Session:
                 _ZERO16,
             ),
         )
-        outbox = self._outbox
         outbox.append(_new_tuple(Frame, (desc, open_payload)))
         desc = _new_tuple(
             Descriptor,

@@ -66,8 +66,9 @@ def test_method_id_is_a_fold_of_the_joined_name(service: str, method: str) -> No
 # ------------------------------------------------------------------------------ enums
 
 
-def test_protocol_version_is_1_0() -> None:
-    assert PROTOCOL_VERSION == 0x0001_0000
+def test_protocol_version_is_1_1() -> None:
+    # 1.1: a unary request may open its own channel (Flags.OPENS).
+    assert PROTOCOL_VERSION == 0x0001_0001
 
 
 def test_verbs_are_numbered_as_on_the_wire() -> None:

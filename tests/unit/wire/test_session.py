@@ -3,6 +3,7 @@ the protocol errors a peer can provoke."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -43,6 +44,7 @@ from rapace.wire._descriptor import (
     DEADLINE_NONE,
     EOS,
     ERROR,
+    OPENS,
     RESPONSE,
     Descriptor,
     DescriptorLimits,
@@ -81,11 +83,20 @@ class Pair:
         a_kwargs: Mapping[str, object] | None = None,
         b_kwargs: Mapping[str, object] | None = None,
         handshake: bool = True,
+        b_version: int | None = None,
     ) -> None:
+        """``b_version``: the protocol version ``b``'s Hello announces, to play an older peer."""
         self.a = Session(Role.INITIATOR, **(a_kwargs or {}))  # type: ignore[arg-type]
         self.b = Session(Role.ACCEPTOR, **(b_kwargs or {}))  # type: ignore[arg-type]
         self.log: dict[Session, list[Frame]] = {self.a: [], self.b: []}
         self.now = 1_000_000_000
+        if b_version is not None:
+            (hello_frame,) = self.b._outbox
+            hello = decode_control(Verb.HELLO, hello_frame.payload)
+            assert isinstance(hello, Hello)
+            payload = encode_control(dataclasses.replace(hello, protocol_version=b_version))
+            desc = hello_frame.descriptor._replace(payload_len=len(payload))
+            self.b._outbox[0] = Frame(desc, payload)
         if handshake:
             assert isinstance(self.send(self.a)[0], HandshakeComplete)
             assert isinstance(self.send(self.b)[0], HandshakeComplete)
@@ -157,6 +168,9 @@ class RawPeer:
     def call(self, channel_id: int, payload: bytes = b"args") -> list[Event]:
         events = self.open(channel_id)
         return events + self.frame(channel_id, DATA | EOS, payload, method=ADD)
+
+
+PROTOCOL_1_0 = 0x0001_0000  # before requests could open their own channel
 
 
 def control_messages(frames: list[Frame]) -> list[ControlMessage]:
@@ -349,8 +363,8 @@ def test_unary_round_trip() -> None:
     assert pair.send(pair.b) == [ResponseReceived(cid, b"\x05")]
     assert pair.a.statistics().open_channels == 0
     assert pair.b.statistics().open_channels == 0
-    assert pair.a.statistics().frames_sent == 3  # Hello, OpenChannel, request
-    assert pair.b.statistics().frames_received == 3
+    assert pair.a.statistics().frames_sent == 2  # Hello, the request that opens its channel
+    assert pair.b.statistics().frames_received == 2
     assert pair.send(pair.a) == []  # nothing trails a finished unary call
 
 
@@ -388,12 +402,117 @@ def test_call_frame_shapes() -> None:
 def test_fast_open_channel_encoding_matches_encode_control() -> None:
     for window in (1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1):
         limits = {"limits": HelloLimits(initial_window=window)}
-        pair = Pair(a_kwargs=limits, b_kwargs=limits)
+        pair = Pair(a_kwargs=limits, b_kwargs=limits, b_version=PROTOCOL_1_0)
         pair.a._next_id = 2**32 - 1
         for kind in CallKind:
             cid = pair.a.open_call(ADD, b"", now_ns=0, kind=kind)
             open_frame = pair.a.frames_to_send()[0]
             assert bytes(open_frame.payload) == encode_control(OpenChannel(cid, kind, window))
+
+
+# ------------------------------------------------------- requests that open their channel
+
+
+def test_a_unary_call_is_one_frame_that_opens_its_channel() -> None:
+    pair = Pair(b_kwargs={"methods": [MethodEntry(ADD, "Calculator.add")]})
+    cid = pair.a.open_call(ADD, b"args", now_ns=pair.now, deadline_ns=pair.now + 5)
+    (request,) = pair.a.frames_to_send()
+    desc = request.descriptor
+    assert (desc.channel_id, desc.method_id, desc.flags) == (cid, ADD, DATA | EOS | OPENS)
+    assert desc.deadline_ns != DEADLINE_NONE
+    (call,) = pair.b.receive_frame(request, pair.now)
+    assert call == CallReceived(cid, ADD, CallKind.UNARY, b"args", pair.now + 5, {})
+    assert pair.b.statistics().open_channels == 1
+
+
+def test_calls_with_metadata_or_streams_still_send_open_channel() -> None:
+    pair = Pair()
+    pair.a.open_call(ADD, b"", now_ns=0, metadata={"k": b"v"})
+    pair.a.open_call(ADD, b"", now_ns=0, kind=CallKind.SERVER_STREAMING)
+    frames = pair.a.frames_to_send()
+    assert [f.descriptor.channel_id for f in frames] == [0, 1, 0, 3]
+    assert not any(f.descriptor.flags & OPENS for f in frames)
+
+
+def test_a_peer_of_protocol_1_0_gets_open_channel() -> None:
+    pair = Pair(b_version=PROTOCOL_1_0)
+    cid = pair.a.open_call(ADD, b"x", now_ns=0)
+    open_frame, request = pair.a.frames_to_send()
+    assert decode_control(Verb.OPEN_CHANNEL, open_frame.payload) == OpenChannel(
+        cid, CallKind.UNARY, 64 * 1024
+    )
+    assert request.descriptor.flags == DATA | EOS
+    # ...while this side, of 1.1, still takes both forms from it.
+    assert pair.b.open_call(ADD, b"y", now_ns=0) == 2
+    (one_frame,) = pair.b.frames_to_send()
+    assert one_frame.descriptor.flags & OPENS
+    pair.b.receive_frame(open_frame, 0)
+    assert isinstance(pair.b.receive_frame(request, 0)[0], CallReceived)
+    assert isinstance(pair.a.receive_frame(one_frame, 0)[0], CallReceived)
+
+
+@pytest.mark.parametrize(
+    ("channel_id", "flags", "method", "problem"),
+    [
+        (1, DATA | OPENS, ADD, "not a unary request"),  # no EOS: a caller stream
+        (1, EOS | OPENS, ADD, "not a unary request"),  # no DATA
+        (1, DATA | EOS | OPENS, 0, "not a unary request"),  # no method
+        (1, DATA | EOS | RESPONSE | OPENS, ADD, "not a unary request"),
+        (1, DATA | EOS | ERROR | OPENS, ADD, "not a unary request"),
+        (2, DATA | EOS | OPENS, ADD, "not its to open"),  # the acceptor's parity
+    ],
+)
+def test_opens_on_anything_but_a_peers_unary_request_is_a_protocol_error(
+    channel_id: int, flags: int, method: int, problem: str
+) -> None:
+    session = Session(Role.ACCEPTOR)
+    raw = RawPeer(session)
+    with pytest.raises(RemoteProtocolError, match=problem):
+        raw.frame(channel_id, flags, b"args", method=method)
+    assert_failed_with_go_away(session)
+
+
+def test_opens_on_an_open_channel_is_a_protocol_error() -> None:
+    session = Session(Role.ACCEPTOR)
+    raw = RawPeer(session)
+    raw.open(1, CallKind.CLIENT_STREAMING)
+    with pytest.raises(RemoteProtocolError, match="still open") as info:
+        raw.frame(1, DATA | EOS | OPENS, b"args", method=ADD)
+    assert info.value.status is Status.INVALID_CHANNEL
+    assert_failed_with_go_away(session)
+
+
+def test_opens_before_the_peers_hello_is_a_protocol_error() -> None:
+    session = Session(Role.ACCEPTOR)
+    raw = RawPeer(session, hello=False)
+    with pytest.raises(RemoteProtocolError, match="Hello"):
+        raw.frame(1, DATA | EOS | OPENS, b"args", method=ADD)
+
+
+def test_a_request_that_opens_past_max_channels_is_refused_and_its_id_freed() -> None:
+    session = Session(Role.ACCEPTOR, limits=HelloLimits(max_channels=1))
+    raw = RawPeer(session)
+    session.frames_to_send()
+    assert isinstance(raw.frame(1, DATA | EOS | OPENS, b"a", method=ADD)[0], CallReceived)
+    assert raw.frame(3, DATA | EOS | OPENS, b"b", method=ADD) == [PayloadDropped(3, b"b")]
+    assert control_messages(session.frames_to_send()) == [
+        CancelChannel(3, CancelReason.RESOURCE_EXHAUSTED)
+    ]
+    assert session.statistics().open_channels == 1  # 3 is free again: its request had EOS
+    session.send_response(1, b"r")
+    session.frames_to_send()
+    assert isinstance(raw.frame(3, DATA | EOS | OPENS, b"c", method=ADD)[0], CallReceived)
+
+
+def test_after_go_away_a_request_that_opens_is_refused() -> None:
+    session = Session(Role.ACCEPTOR)
+    raw = RawPeer(session)
+    session.go_away()
+    session.frames_to_send()
+    assert raw.frame(1, DATA | EOS | OPENS, b"late", method=ADD) == [PayloadDropped(1, b"late")]
+    assert control_messages(session.frames_to_send()) == [
+        CancelChannel(1, CancelReason.RESOURCE_EXHAUSTED)
+    ]
 
 
 def test_msg_ids_start_at_one_and_strictly_increase() -> None:
@@ -434,6 +553,7 @@ def test_open_channel_precedes_data_and_channel_zero_is_never_opened() -> None:
     pair = Pair()
     for kind in CallKind:
         pair.a.open_call(ADD, b"", now_ns=0, kind=kind)
+        pair.a.open_call(ADD, b"", now_ns=0, kind=kind, metadata={"k": b"v"})
     pair.send(pair.a)
     opened: set[int] = set()
     for frame in pair.log[pair.a]:
@@ -445,23 +565,28 @@ def test_open_channel_precedes_data_and_channel_zero_is_never_opened() -> None:
                 assert msg.channel_id != 0
                 assert msg.channel_id % 2 == 1
                 opened.add(msg.channel_id)
+        elif desc.flags & OPENS:  # a unary request without metadata opens its own channel
+            assert desc.flags == DATA | EOS | OPENS
+            assert desc.channel_id % 2 == 1
+            assert desc.channel_id not in opened
+            opened.add(desc.channel_id)
         else:
             assert not desc.flags & CONTROL
             assert desc.channel_id in opened
-    assert len(opened) == 4
+    assert len(opened) == 8
 
 
 def test_streaming_kinds_request_flags() -> None:
     pair = Pair()
     expected = {
-        CallKind.UNARY: DATA | EOS,
+        CallKind.UNARY: DATA | EOS | OPENS,
         CallKind.SERVER_STREAMING: DATA | EOS,
         CallKind.CLIENT_STREAMING: DATA,
         CallKind.BIDI_STREAMING: DATA,
     }
     for kind, flags in expected.items():
         pair.a.open_call(ADD, b"", now_ns=0, kind=kind)
-        request = pair.a.frames_to_send()[1]
+        request = pair.a.frames_to_send()[-1]
         assert request.descriptor.flags == flags
 
 
@@ -915,13 +1040,13 @@ def test_id_reused_only_after_both_sides_closed() -> None:
     assert pair.a.statistics().open_channels == 1
     # The caller's session closed its stream by itself, before anything that reuses the id.
     assert pair.a.open_call(ADD, b"second", now_ns=0) == cid
-    auto_eos, open_frame, request = pair.a.frames_to_send()
+    auto_eos, request = pair.a.frames_to_send()
     assert auto_eos.descriptor.channel_id == cid
     assert auto_eos.descriptor.flags == EOS
     assert auto_eos.descriptor.payload_len == 0
     assert pair.b.receive_frame(auto_eos, 0) == []
     assert pair.b.statistics().open_channels == 1  # only call 3 left
-    pair.b.receive_frame(open_frame, 0)
+    assert request.descriptor.flags & OPENS
     (call,) = pair.b.receive_frame(request, 0)
     assert isinstance(call, CallReceived)
     assert (call.channel_id, bytes(call.payload)) == (cid, b"second")
@@ -1219,9 +1344,9 @@ def test_statistics_count_frames_and_channels() -> None:
     pair.send(pair.a)
     stats = pair.a.statistics()
     assert stats.open_channels == 2
-    assert stats.frames_sent == 5
+    assert stats.frames_sent == 4  # Hello, a unary request, OpenChannel and a bidi request
     assert stats.frames_received == 1
-    assert pair.b.statistics() == (2, 1, 5)
+    assert pair.b.statistics() == (2, 1, 4)
 
 
 def test_last_server_stream_item_may_carry_eos() -> None:
