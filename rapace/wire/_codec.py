@@ -40,9 +40,9 @@ first byte (of element 0 for an array, whose strides may be negative), and wheth
 receiver may write. The receiver's :class:`~rapace.wire.BufferResolver` checks every byte the
 reference can reach against the region before making a view.
 
-Tags this codec writes or accepts (cbor2 decodes the standard ones itself; every other tag a
-peer sends is rejected, including shared references 28/29, string references 25/256, regular
-expressions 35 and MIME 36):
+Tags this codec writes or accepts (cbor2 decodes the standard ones itself, except sets, whose
+items are typed before the set is built; every other tag a peer sends is rejected, including
+shared references 28/29, string references 25/256, regular expressions 35 and MIME 36):
 
 ==========  ======================================  =====================================
 tag         meaning                                 content
@@ -130,7 +130,7 @@ from rapace.wire._codec_core import (
     node_for,
     numpy_helpers,
 )
-from rapace.wire._codec_gen import MISS, direct_codec
+from rapace.wire._codec_gen import MISS, FrozenRawSet, RawSet, direct_codec
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -150,8 +150,8 @@ _loads = cbor2.loads
 _load = cbor2.load
 _tuple_new = tuple.__new__
 
-# Tags cbor2 decodes itself that are safe to let through: bignums, UUID, date, set.
-_CBOR2_TAGS: Final = frozenset({2, 3, TAG_UUID, TAG_DATE, TAG_SET})
+# Tags cbor2 decodes itself that are safe to let through: bignums, UUID, date.
+_CBOR2_TAGS: Final = frozenset({2, 3, TAG_UUID, TAG_DATE})
 # RFC 8746: 40 wraps a typed array (64-87) with its shape.
 _NUMPY_TAGS: Final = frozenset({40, TAG_NDARRAY, *range(64, 88)})
 
@@ -246,16 +246,31 @@ def _tag_union(value: object, immutable: bool) -> Variant:
     return Variant(index, member)
 
 
-_TAG_HANDLERS: Final[dict[int, Callable[[Any, bool], Any]]] = {
+@cbor2.shareable_decoder(name="set", immutable=True)
+def _tag_set(immutable: bool) -> tuple[None, type[RawSet]]:
+    """Decoder of sets, in cbor2's two-stage form: the only one that can ask for immutable content.
+
+    Immutable content (arrays as tuples, maps as frozendicts) is how cbor2 reads the items of its
+    own sets: the item decoders expect it, and it keeps an ``Any`` inside an item hashable.
+    ``immutable`` says whether this set is itself a set item or inside a map key. The None is
+    what a shared reference to the set would see while it is read; the codec refuses those
+    tags (28, 29).
+    """
+    return (None, FrozenRawSet) if immutable else (None, RawSet)
+
+
+# Semantic decoders (value, immutable) and, for sets, cbor2's two-stage decoder (immutable).
+_TAG_HANDLERS: Final[dict[int, Callable[..., Any]]] = {
     TAG_DATETIME: _tag_datetime,
     TAG_TIME: _tag_time,
     TAG_TIMEDELTA: _tag_timedelta,
     TAG_DECIMAL: _tag_decimal,
     TAG_UNION: _tag_union,
+    TAG_SET: _tag_set,
 }
 
 
-class _Tags(dict[int, Callable[[Any, bool], Any]]):
+class _Tags(dict[int, Callable[..., Any]]):
     """cbor2's ``semantic_decoders``: every tag a peer sends is looked up here.
 
     cbor2 falls back to its own decoder only when the lookup raises ``LookupError``, so this
@@ -272,7 +287,7 @@ class _Tags(dict[int, Callable[[Any, bool], Any]]):
         self.buffers = buffers
         self.resolver = resolver
 
-    def __missing__(self, tag: int) -> Callable[[Any, bool], Any]:
+    def __missing__(self, tag: int) -> Callable[..., Any]:
         handler = _TAG_HANDLERS.get(tag)
         if handler is not None:
             self[tag] = handler

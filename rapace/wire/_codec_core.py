@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol, TypeVar, cast
 
 import cbor2
 
-from rapace.wire._codec_gen import finish
+from rapace.wire._codec_gen import FrozenRawSet, RawSet, finish
 
 TAG_NDARRAY: Final = 0x72617000
 TAG_OOB_BYTES: Final = 0x72617001
@@ -142,11 +142,18 @@ _Enc = Callable[[Any, "OOB | None"], Any]
 _Dec = Callable[[Any], Any]
 
 
+# A set read from the payload stays a RawSet until its items are typed; messages name the set.
+_RAW_NAMES: Final[dict[type, str]] = {RawSet: "set", FrozenRawSet: "frozenset"}
+
+
 def tname(value: object) -> str:
     """The type of a value as messages name it: ``str``, ``numpy.int64``."""
     t = type(value)
     if t.__module__ == "builtins":
         return t.__qualname__
+    raw = _RAW_NAMES.get(t)
+    if raw is not None:
+        return raw
     return f"{t.__module__}.{t.__qualname__}"
 
 
@@ -209,7 +216,7 @@ class Node:
 
 _ARRAY: Final[frozenset[type]] = frozenset({list, tuple})
 _MAP: Final[frozenset[type]] = frozenset({dict, _frozendict})
-_SET: Final[frozenset[type]] = frozenset({set, frozenset})
+_SET: Final[frozenset[type]] = frozenset({RawSet, FrozenRawSet})
 _BYTES: Final[frozenset[type]] = frozenset({bytes, OOBView})
 
 
@@ -625,16 +632,24 @@ def _dec_any(o: Any) -> Any:
         return _dec_dict(_dec_any, _dec_any, o)
     if t is tuple:  # an array inside a set element or a map key
         return tuple(_dec_items(_dec_any, o))
-    if t is set:
-        return set(_dec_items(_dec_any, o, "{*}"))
-    if t is frozenset:
-        return frozenset(_dec_items(_dec_any, o, "{*}"))
+    if t is RawSet:
+        return build_set(set, _dec_items(_dec_any, o.items, "{*}"))
+    if t is FrozenRawSet:
+        return build_set(frozenset, _dec_items(_dec_any, o.items, "{*}"))
     if t is OOBView:
         return o.view if o.shared else bytes(o.view)
     raise Fail(f"unexpected {tname(o)} in the payload")
 
 
 _ANY = Node("Any", _enc_any, _dec_any, None, None)
+
+
+def build_set(build: Callable[[list[Any]], object], items: list[Any]) -> object:
+    """The set of decoded items, which a peer can make unhashable (an ndarray in ``set[Any]``)."""
+    try:
+        return build(items)
+    except Exception as exc:
+        raise Fail(f"cannot build a set of these items: {exc}") from exc
 
 
 # -- item loops that name the failing item ------------------------------------------------------
@@ -970,8 +985,8 @@ class _Compiler:
             raise fail_type(label, v)
 
         def dec(o: Any) -> object:
-            if type(o) is set or type(o) is frozenset:
-                return build(_dec_items(idec, o, "{*}"))
+            if type(o) is RawSet or type(o) is FrozenRawSet:
+                return build_set(build, _dec_items(idec, o.items, "{*}"))
             raise fail_type(label, o)
 
         shape = None if item.shape is None else (origin.__name__, item)

@@ -29,6 +29,35 @@ _N = TypeVar("_N")
 MISS: Final = object()
 """Returned by a direct decoder that leaves the payload to the general path."""
 
+
+class RawSet:
+    """A set (tag 258) as read: its items, not yet typed.
+
+    The codec reads the tag itself instead of letting cbor2 build a Python set, because a set of
+    raw items merges items that differ only once typed (``False`` and a ``Flag`` member of value
+    0, ``1.0`` and an ``Enum`` member of value 1 are equal as raw values): the set is built from
+    the typed items. Hashed by identity, so that two raw sets read as map keys stay apart until
+    typed.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: object) -> None:
+        # The content is read as immutable (see _codec._tag_set): an array arrives as a tuple.
+        if type(items) is not tuple:
+            raise ValueError(f"expected an array, got {type(items).__name__}")
+        self.items = items
+
+
+class FrozenRawSet(RawSet):
+    """A set read where it must be hashable (a set item, a map key): ``Any`` gives a frozenset."""
+
+    __slots__ = ()
+
+
+# How generated checks refer to the raw set types.
+_RAW_SETS: Final = {"_RawSet": RawSet, "_FrozenRawSet": FrozenRawSet}
+
 _dumps = cbor2.dumps
 
 
@@ -174,16 +203,15 @@ class _CheckGen:
         if kind == "frozenset" or kind == "set":
             if kind == "set" and imm:
                 return None
-            check, each = self._each(shape[1], o, True)
+            items = f"{o}.items"
+            check, each = self._each(shape[1], items, True)
             if check is None:
                 return None
-            if kind == "set":
-                conv = o if each is None else f"{{{each}}}"
-            elif imm:
-                conv = o if each is None else f"frozenset({{{each}}})"
+            if each is None:
+                conv = f"{kind}({items})"
             else:
-                conv = f"frozenset({o})" if each is None else f"frozenset({{{each}}})"
-            return f"(type({o}) is {'frozenset' if imm else 'set'} and {check})", conv
+                conv = f"{{{each}}}" if kind == "set" else f"frozenset({{{each}}})"
+            return f"(type({o}) is {'_FrozenRawSet' if imm else '_RawSet'} and {check})", conv
         if kind == "dict" and not imm:
             k, x = self.fresh("k"), self.fresh("x")
             kd, vd = self.dec(shape[1], k, True), self.dec(shape[2], x, False)
@@ -241,7 +269,8 @@ def finish(node: _N) -> _N:
             f"def dec(o):\n    if {dec[0]}:\n        return {dec[1]}\n    return _slow_dec(o)\n"
         )
     if src:
-        ns = _run("".join(src), {**gen.ns, "_slow_enc": n.enc, "_slow_dec": n.dec}, n.label)
+        ns = {**gen.ns, **_RAW_SETS, "_slow_enc": n.enc, "_slow_dec": n.dec}
+        ns = _run("".join(src), ns, n.label)
         n.enc = ns.get("enc", n.enc)
         n.dec = ns.get("dec", n.dec)
     return node
