@@ -104,6 +104,9 @@ GOODBYE_GRACE_S: Final = 5.0
 # out on the peer (see _raise_call_error).
 DEADLINE_RACE_S: Final = 0.01
 ITERATOR_CLOSE_GRACE_S: Final = 1.0
+# Frames held for one write under load (_write_now) before they are written anyway, so the peer
+# starts on them while the rest are made: 4 to 32 measured alike, 64 no better than none.
+HELD_FRAMES_MAX: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,16 +501,19 @@ class RpcSession:
         calls (or responses), so many handlers (or callers) run in the same loop turn, each
         queueing frames: while some of them have yet to run, their frames are held, and
         the last of them writes them all at once (the writer, woken meanwhile, does if that
-        one queues nothing). A write that wakes the peer costs tens of microseconds on a
-        Unix socket. (Writing every 8, 16 or 32 frames instead, to keep the peer busy
-        sooner, measured no faster: the peer runs on the same CPU more often than not.)
+        one queues nothing), or whichever holds HELD_FRAMES_MAX first. A write that wakes
+        the peer costs tens of microseconds on a Unix socket, so writing each frame is slow;
+        but a whole window in one write makes the two sides take turns, each idle while the
+        other works. Writing every 16 frames keeps both busy: 64 calls in flight over a Unix
+        socket went from 50-55k to 78-81k calls/s (2-vCPU VM).
         """
         if self._runnable > 0:
             frames = self._wire.frames_to_send()
             if not frames:
                 return True
             self._held += frames
-            return False
+            if len(self._held) < HELD_FRAMES_MAX:
+                return False
         frames = self._take_frames()
         if not frames:
             return True
