@@ -33,8 +33,15 @@ _MAX_VARINT_BYTES: Final = 10
 _COMPACT_THRESHOLD: Final = 64 * 1024
 
 
+# One byte says every length below 128, which covers a descriptor with an inline payload: the
+# usual frame of a small call.
+_ONE_BYTE_VARINTS: Final = tuple(bytes((n,)) for n in range(0x80))
+
+
 def encode_varint(value: int) -> bytes:
     """Unsigned LEB128."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
     if value < 0:
         raise ValueError("varint must be non-negative")
     out = bytearray()
@@ -82,6 +89,8 @@ class FrameReader:
         self._max_frame_bytes = max_frame_bytes
         self._limits = limits or DescriptorLimits(max_payload_len=max_frame_bytes - DESCRIPTOR_SIZE)
         self._buffer = bytearray()
+        # The largest length a one-byte varint can say that needs no further check.
+        self._one_byte_max = min(0x7F, max_frame_bytes)
         # A large frame in progress: its declared size and the bytes gathered so far.
         self._big: bytearray | None = None
         self._big_needed = 0
@@ -106,9 +115,16 @@ class FrameReader:
         view = memoryview(data).cast("B")
         if self._big is not None:
             view = self._fill_big(view, frames)
-        if view.nbytes:
-            self._buffer += view
-        self._drain(frames)
+        if not view.nbytes:
+            return frames
+        buffer = self._buffer
+        if buffer:
+            buffer += view
+            del buffer[: self._parse(buffer, frames)]
+        else:  # the usual case: parsed where it was read, only a partial frame is kept
+            used = self._parse(view, frames)
+            if used < view.nbytes:
+                buffer += view[used:]
         return frames
 
     def _fill_big(self, view: memoryview, frames: list[Frame]) -> memoryview:
@@ -120,15 +136,21 @@ class FrameReader:
             self._big = None
         return view[take:]
 
-    def _drain(self, frames: list[Frame]) -> None:
-        buffer = self._buffer
+    def _parse(self, buffer: bytearray | memoryview, frames: list[Frame]) -> int:
+        """Append the frames ``buffer`` completes; the number of bytes they (and a large
+        frame's start, moved to its own buffer) took."""
         position = 0
         end = len(buffer)
+        small_max = self._one_byte_max
         while position < end:
-            length, header = self._read_varint(buffer, position, end)
-            if header == 0:
-                break  # the varint itself is incomplete
-            start = position + header
+            length = buffer[position]
+            if DESCRIPTOR_SIZE <= length <= small_max:
+                start = position + 1  # a one-byte length: the frame of a small call
+            else:
+                length, header = self._read_varint(buffer, position, end)
+                if header == 0:
+                    break  # the varint itself is incomplete
+                start = position + header
             if end - start >= length:
                 frames.append(self._make_frame(bytes(buffer[start : start + length])))
                 position = start + length
@@ -138,9 +160,11 @@ class FrameReader:
                 self._big_needed = length
                 position = end
             break
-        del buffer[:position]
+        return position
 
-    def _read_varint(self, buffer: bytearray, position: int, end: int) -> tuple[int, int]:
+    def _read_varint(
+        self, buffer: bytearray | memoryview, position: int, end: int
+    ) -> tuple[int, int]:
         """(value, bytes used), or (0, 0) if the varint is not complete yet."""
         value = 0
         for i in range(_MAX_VARINT_BYTES):

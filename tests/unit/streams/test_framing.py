@@ -49,6 +49,29 @@ def test_frames_survive_any_chunking(items: list[bytes], data: st.DataObject) ->
     assert reader.at_frame_boundary
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=6), st.data())
+def test_frames_do_not_alias_a_read_buffer_that_is_reused(
+    items: list[bytes], data: st.DataObject
+) -> None:
+    """The Unix reader hands feed() a view of one buffer it reads every chunk into: frames,
+    and the partial frame kept for the next read, must be copies."""
+    frames = [_frame(1, p, msg_id=i + 1) for i, p in enumerate(items)]
+    wire = _wire(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    read_buffer = bytearray(len(wire))
+    reader = FrameReader()
+    got: list[Frame] = []
+    previous = 0
+    for cut in [*cuts, len(wire)]:
+        size = cut - previous
+        read_buffer[:size] = wire[previous:cut]
+        got += reader.feed(memoryview(read_buffer)[:size])
+        read_buffer[:] = b"\xee" * len(read_buffer)  # the next read overwrites it
+        previous = cut
+    assert [bytes(f.payload) for f in got] == items
+
+
 def test_varint_encoding_matches_leb128() -> None:
     """Known LEB128 vectors."""
     assert encode_varint(0) == b"\x00"
