@@ -265,15 +265,16 @@ class RpcSession:
             limits=limits or HelloLimits(),
             deadline_mode=transport.deadline_mode,
         )
-        # Unary handlers that cannot suspend, served where their call arrives: by name, the
-        # function judged (rapace._inline), which must still be the one called.
-        self._inline_methods: dict[str, Callable[..., Any]] = {}
+        # Unary handlers that cannot suspend, served where their call arrives: by method id,
+        # the function judged (rapace._inline), which must still be the one called.
+        self._inline_methods: dict[int, tuple[MethodSpec, MethodCodecs, Callable[..., Any]]] = {}
         if self._spec is not None:
             for spec in self._spec.methods:
                 if spec.kind is CallKind.UNARY and not spec.is_sync:
                     method = getattr(serve, spec.name)
                     if never_suspends(method):
-                        self._inline_methods[spec.name] = getattr(method, "__func__", method)
+                        func = getattr(method, "__func__", method)
+                        self._inline_methods[spec.method_id] = (spec, _codecs(spec), func)
         self._call_timeout = call_timeout
         self._ping_interval = ping_interval
         self._calls: dict[int, _CallerState] = {}
@@ -828,15 +829,16 @@ class RpcSession:
     # ------------------------------------------------------------ handler side
 
     def _start_handler(self, event: CallReceived) -> None:
-        spec = self._spec.by_id.get(event.method_id) if self._spec is not None else None
+        inline = self._inline_methods.get(event.method_id)
         # A call with a deadline gets a task: its handler may read the deadline of its
         # scope (anyio.current_effective_deadline) even if it never awaits.
-        if spec is not None and event.deadline_ns is None and spec.name in self._inline_methods:
+        if inline is not None and event.deadline_ns is None:
+            spec, codecs, func = inline
             method = getattr(self._serve, spec.name)
-            if getattr(method, "__func__", None) is self._inline_methods[spec.name]:
+            if getattr(method, "__func__", None) is func:
                 # In a copy of the context, as a task would be: a contextvar a handler sets
                 # is never seen by another call.
-                contextvars.copy_context().run(self._serve_inline, event, spec, method)
+                contextvars.copy_context().run(self._serve_inline, event, spec, codecs, method)
                 return
         # No anyio call here (see _on_frames): the scope is made from its concrete class and
         # gets its deadline in the handler's task.
@@ -846,16 +848,15 @@ class RpcSession:
         self._runnable += 1
         self._runtime.spawn(self._serve_call, event, state)
 
-    def _serve_inline(self, event: CallReceived, spec: MethodSpec, method: Any) -> None:
+    def _serve_inline(
+        self, event: CallReceived, spec: MethodSpec, codecs: MethodCodecs, method: Any
+    ) -> None:
         """Serve a call to a handler that cannot suspend (rapace._inline) where it arrived.
 
         What _call_handler does, less what only a suspension point could need: no task, no
         cancel scope (the call has no deadline), no thread limiter.
         """
-        channel_id = event.channel_id
-        wire = self._wire
         try:
-            codecs = _codecs(spec)
             try:
                 values = _decode(codecs.args, event.payload, self._buffers)
             except DecodeError as exc:
@@ -868,17 +869,17 @@ class RpcSession:
             data = _encode(codecs.result, result, self._buffers)
         except Exception as exc:
             payload = ErrorPayload.from_exception(exc, status=_status_of(exc)).encode()
-            terminal: Callable[[bytes], None] = partial(wire.send_error, channel_id)
+            if not self.closed:
+                with contextlib.suppress(LocalProtocolError):
+                    self._wire.send_error(event.channel_id, payload)
         except BaseException as exc:  # as a handler task's would, it ends the session
             self._on_crash(exc)
             raise
         else:
-            payload = data
-            terminal = partial(wire.send_response, channel_id)
-        if not self.closed:
-            with contextlib.suppress(LocalProtocolError):
-                terminal(payload)
-            # Not written yet: _on_frames writes what every frame of the read queued at once.
+            if not self.closed:
+                with contextlib.suppress(LocalProtocolError):
+                    self._wire.send_response(event.channel_id, data)
+        # Not written yet: _on_frames writes what every frame of the read queued at once.
 
     async def _serve_call(self, event: CallReceived, state: _HandlerState) -> None:
         self._runnable -= 1
