@@ -18,7 +18,10 @@ Encoding rules worth knowing:
   the type its annotation names. A ``memoryview`` arrives as a one-dimensional ``"B"`` view.
 - A union whose members read back as different Python types (``int | str``, ``T | None``) is
   sent as the bare value. When two members share a CBOR shape (two dataclasses, ``list[int] |
-  list[str]``), the value is wrapped in a union tag carrying the member index.
+  list[str]``), the value is wrapped in a union tag carrying the member index. A value goes to
+  the member that holds it exactly, same types all the way down, when one does (``[0]`` is the
+  ``list[int]`` of ``list[float] | list[int]``, ``True`` the ``bool`` of ``int | bool``); only
+  otherwise to the first member that takes it by the rules above.
 - Dataclasses and named tuples travel as arrays of their fields, typed dicts as maps. Enums
   travel as their value when every value is an ``int`` (or every value a ``str``), else by name.
 - Datetimes keep their ``utcoffset`` (as a fixed-offset timezone, the zone name is not sent) and

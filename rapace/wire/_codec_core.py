@@ -19,12 +19,19 @@ import sys
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any, Final, Protocol, TypeVar, cast
 
 import cbor2
 
-from rapace.wire._codec_gen import FrozenRawSet, RawSet, finish
+from rapace.wire._codec_gen import (
+    FrozenRawSet,
+    RawSet,
+    exact_check,
+    fields_exact,
+    finish,
+    passes_as_is,
+)
 
 TAG_NDARRAY: Final = 0x72617000
 TAG_OOB_BYTES: Final = 0x72617001
@@ -140,6 +147,7 @@ class Variant:
 
 _Enc = Callable[[Any, "OOB | None"], Any]
 _Dec = Callable[[Any], Any]
+_Exact = Callable[[Any], bool]
 
 
 # A set read from the payload stays a RawSet until its items are typed; messages name the set.
@@ -192,7 +200,7 @@ def numpy_helpers() -> Any:
 class Node:
     """The compiled codec of one annotation."""
 
-    __slots__ = ("dec", "enc", "kinds", "label", "py_types", "shape")
+    __slots__ = ("_exact", "_exact_of", "dec", "enc", "kinds", "label", "py_types", "shape")
 
     def __init__(
         self,
@@ -202,6 +210,7 @@ class Node:
         kinds: frozenset[type] | None,
         py_types: frozenset[type] | None,
         shape: tuple[Any, ...] | None = None,
+        exact_of: Callable[[], _Exact] | None = None,
     ) -> None:
         self.label = label
         self.enc = enc
@@ -212,6 +221,43 @@ class Node:
         self.py_types = py_types
         # Structure of a CBOR-native node, for the generated fast path; None otherwise.
         self.shape = shape
+        # Builds the exactness test (see exact) from the children's when the node is not
+        # native (native nodes generate theirs); None for a leaf.
+        self._exact_of = exact_of
+        self._exact: _Exact | None = None
+
+    @property
+    def exact(self) -> _Exact:
+        """Whether a value comes back from this node with the same types all the way down.
+
+        No int -> float, bool -> int or subclass -> class on the way. Only a union whose
+        members take the same Python type asks, to pick the member that keeps a value as it
+        is, so the test is built on first use: compiling every other annotation skips it.
+        """
+        test = self._exact
+        if test is None:
+            if self.shape is not None:
+                test = exact_check(self)
+            elif self._exact_of is not None:
+                test = self._exact_of()
+            else:
+                test = _exact_by_type(self.py_types)
+            self._exact = test
+        return test
+
+
+def _exact_by_type(py_types: frozenset[type] | None) -> _Exact:
+    """The exactness test of a leaf: the value's own type is the one it decodes to."""
+    if py_types is None:
+        return _never
+    if len(py_types) == 1:
+        (t,) = py_types
+        return lambda v: type(v) is t
+    return lambda v: type(v) in py_types
+
+
+def _never(v: object) -> bool:
+    return False
 
 
 _ARRAY: Final[frozenset[type]] = frozenset({list, tuple})
@@ -641,7 +687,40 @@ def _dec_any(o: Any) -> Any:
     raise Fail(f"unexpected {tname(o)} in the payload")
 
 
-_ANY = Node("Any", _enc_any, _dec_any, None, None)
+# Types an Any value hands back as the type they were sent as.
+_ANY_EXACT: Final = frozenset(
+    {
+        int,
+        float,
+        str,
+        bool,
+        _NoneType,
+        bytes,
+        _dt.datetime,
+        _dt.date,
+        _dt.time,
+        _dt.timedelta,
+        decimal.Decimal,
+        uuid.UUID,
+    }
+)
+
+
+def _exact_any(v: Any) -> bool:
+    # Errs on the side of no: tuples (lists at the top), frozensets (sets), enums (their
+    # values), dataclasses (dicts) change on the way, and a no only lets a rival member that
+    # keeps the value as it is win over this one.
+    t = type(v)
+    if t in _ANY_EXACT:
+        return True
+    if t is list or t is set:
+        return all(map(_exact_any, v))
+    if t is dict:
+        return all(map(_exact_any, v)) and all(map(_exact_any, v.values()))
+    return False
+
+
+_ANY = Node("Any", _enc_any, _dec_any, None, None, exact_of=lambda: _exact_any)
 
 
 def build_set(build: Callable[[list[Any]], object], items: list[Any]) -> object:
@@ -834,6 +913,8 @@ class _Compiler:
                 lambda o: target.dec(o),
                 target.kinds,
                 target.py_types,
+                # Late: the target's own test may not be buildable yet.
+                exact_of=lambda: lambda v: target.exact(v),
             )
         node = self._build(tp)
         with contextlib.suppress(TypeError):  # unhashable annotation metadata
@@ -914,8 +995,12 @@ class _Compiler:
                 return _dec_items(idec, o)
             raise fail_type(label, o)
 
+        def exact_of() -> _Exact:
+            iexact = item.exact
+            return lambda v: type(v) is list and all(map(iexact, v))
+
         shape = None if item.shape is None else ("list", item)
-        return finish(Node(label, enc, dec, _ARRAY, frozenset({list}), shape))
+        return finish(Node(label, enc, dec, _ARRAY, frozenset({list}), shape, exact_of))
 
     def _vtuple(self, tp: object, item_tp: object) -> Node:
         item = self._child(item_tp, "[*]")
@@ -931,8 +1016,12 @@ class _Compiler:
                 return tuple(_dec_items(idec, o))
             raise fail_type(label, o)
 
+        def exact_of() -> _Exact:
+            iexact = item.exact
+            return lambda v: type(v) is tuple and all(map(iexact, v))
+
         shape = None if item.shape is None else ("vtuple", item)
-        return finish(Node(label, enc, dec, _ARRAY, frozenset({tuple}), shape))
+        return finish(Node(label, enc, dec, _ARRAY, frozenset({tuple}), shape, exact_of))
 
     def _tuple(self, tp: object, item_tps: Sequence[object]) -> Node:
         items = [self._child(t, f"[{i}]") for i, t in enumerate(item_tps)]
@@ -951,9 +1040,17 @@ class _Compiler:
                 return tuple(_dec_fields(decs, o, segs))
             raise _fail_length(label, o, n, (list, tuple))
 
+        def exact_of() -> _Exact:
+            exacts = [m.exact for m in items]
+            return lambda v: (
+                type(v) is tuple
+                and len(v) == n
+                and all(e(x) for e, x in zip(exacts, v, strict=True))
+            )
+
         native = all(m.shape is not None for m in items)
         shape = ("tuple", tuple(items)) if native else None
-        return finish(Node(label, enc, dec, _ARRAY, frozenset({tuple}), shape))
+        return finish(Node(label, enc, dec, _ARRAY, frozenset({tuple}), shape, exact_of))
 
     def _dict(self, tp: object, key_tp: object, value_tp: object) -> Node:
         key = self._child(key_tp, "<key>")
@@ -970,9 +1067,15 @@ class _Compiler:
                 return _dec_dict(kdec, vdec, o)
             raise fail_type(label, o)
 
+        def exact_of() -> _Exact:
+            kexact, vexact = key.exact, value.exact
+            return lambda v: (
+                type(v) is dict and all(map(kexact, v)) and all(map(vexact, v.values()))
+            )
+
         native = key.shape is not None and value.shape is not None
         shape = ("dict", key, value) if native else None
-        return finish(Node(label, enc, dec, _MAP, frozenset({dict}), shape))
+        return finish(Node(label, enc, dec, _MAP, frozenset({dict}), shape, exact_of))
 
     def _set(self, tp: object, origin: type, item_tp: object) -> Node:
         item = self._child(item_tp, "{*}")
@@ -989,8 +1092,12 @@ class _Compiler:
                 return build_set(build, _dec_items(idec, o.items, "{*}"))
             raise fail_type(label, o)
 
+        def exact_of() -> _Exact:
+            iexact = item.exact
+            return lambda v: type(v) is origin and all(map(iexact, cast("Iterable[Any]", v)))
+
         shape = None if item.shape is None else (origin.__name__, item)
-        return finish(Node(label, enc, dec, _SET, frozenset({origin}), shape))
+        return finish(Node(label, enc, dec, _SET, frozenset({origin}), shape, exact_of))
 
     def _union(self, tp: object, args: Sequence[object]) -> Node:
         members: list[Node] = []
@@ -1043,6 +1150,7 @@ class _Compiler:
             raise _fail_length(label, o, n, (list, tuple))
 
         node.enc, node.dec = enc, dec
+        node._exact_of = lambda: fields_exact(cls, getter, fields)
         return node
 
     def _dataclass(self, cls: type) -> Node:
@@ -1138,7 +1246,21 @@ class _Compiler:
                     raise
             return out
 
-        node.enc, node.dec = enc, dec
+        def exact_of() -> _Exact:
+            exacts = {name: f.exact for name, f in fields.items()}
+
+            def exact(v: Any) -> bool:
+                if type(v) is not dict or not required <= v.keys():
+                    return False
+                for k, x in v.items():
+                    fn = exacts.get(k) if type(k) is str else None
+                    if fn is None or not fn(x):
+                        return False
+                return True
+
+            return exact
+
+        node.enc, node.dec, node._exact_of = enc, dec, exact_of
         return node
 
 
@@ -1222,6 +1344,8 @@ def _union_node(label: str, members: list[Node]) -> Node:
             raise first_exact
         raise fail_type(label, v)
 
+    encoder = _prefer_exact(enc, members, tagged) if _take_a_type_in_common(members) else enc
+
     if tagged:
 
         def dec(o: Any) -> object:
@@ -1252,9 +1376,68 @@ def _union_node(label: str, members: list[Node]) -> Node:
             py_types = None
         else:
             py_types |= member.py_types
+
+    def exact_of() -> _Exact:
+        exacts = [m.exact for m in members]
+        # The encoder picks an exact member whenever there is one.
+        return lambda v: any(fits(v) for fits in exacts)
+
     native = not tagged and all(m.shape is not None for m in members)
     shape = ("union", tuple(members)) if native else None
-    return finish(Node(label, enc, dec, union_kinds, py_types, shape))
+    return finish(Node(label, encoder, dec, union_kinds, py_types, shape, exact_of))
+
+
+def _take_a_type_in_common(members: Sequence[Node]) -> bool:
+    """Whether two members take values of one Python type without converting them."""
+    seen: set[type] = set()
+    for member in members:
+        if member.py_types is None or member.py_types & seen:
+            return True
+        seen |= member.py_types
+    return False
+
+
+def _prefer_exact(convert: _Enc, members: Sequence[Node], tagged: bool) -> _Enc:
+    """A union encoder that sends a value through the member that keeps its types, if any.
+
+    When several members take a value's type (a list for ``list[float] | list[int]``), the
+    first to accept it is not necessarily the one it belongs to: ``list[float]`` takes ``[0]``
+    under the number rules and it would arrive as ``[0.0]``. Those members are asked, in
+    declaration order, whether the value would come back unchanged; ``convert`` (the first
+    member that accepts the value, converting it if it must) is only used when none would.
+    Unions whose members take disjoint types never get here, and pay nothing for it.
+    """
+    exacts = [m.exact for m in members]
+    # Native members pass an exact value to cbor2 as it is: no need to run their check twice.
+    as_is = [passes_as_is(m) for m in members]
+    rivals: dict[type, tuple[int, ...]] = {}
+
+    def rivals_for(t: type) -> tuple[int, ...]:
+        found = tuple(i for i, m in enumerate(members) if m.py_types is None or t in m.py_types)
+        # A type only one member takes has nothing to choose between: that member comes first
+        # in convert's order anyway.
+        rivals[t] = found if len(found) > 1 else ()
+        return rivals[t]
+
+    def enc(v: Any, st: OOB | None) -> object:
+        found = rivals.get(type(v))
+        for i in rivals_for(type(v)) if found is None else found:
+            if exacts[i](v):
+                if as_is[i]:
+                    return _CBORTag(TAG_UNION, (i, v)) if tagged else v
+                mark = 0 if st is None else len(st.bufs)
+                try:
+                    out = members[i].enc(v, st)
+                except Fail:
+                    # Exactness should imply acceptance; if a member disagrees, convert
+                    # decides as it always did, and reports the error if there is one.
+                    if st is not None:
+                        del st.bufs[mark:]
+                    break
+                return _CBORTag(TAG_UNION, (i, out)) if tagged else out
+        return convert(v, st)
+
+    return enc
 
 
 # Completed nodes by annotation. Node compilation is deterministic, so two threads racing to

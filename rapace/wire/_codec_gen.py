@@ -5,7 +5,9 @@ lists, tuples, dicts and sets of them gets:
 
 - a type check written as one Python expression (``tuple[int, int]`` becomes ``type(v) is tuple
   and len(v) == 2 and type(v[0]) is int and type(v[1]) is int``), placed in front of the node's
-  general encoder and decoder, so a matching value goes to cbor2 untouched;
+  general encoder and decoder, so a matching value goes to cbor2 untouched (the same check,
+  large bytes or not, is the node's exactness test, built when a union of members that take
+  the same Python type first needs it to pick the member a value belongs to);
 - when the node is a scalar or a short tuple of scalars (a typical argument list or result), a
   direct encoder and decoder that write and parse the few CBOR bytes in Python. cbor2 spends
   about 0.45 us on any array, even an empty one, against about 0.15 us for this; anything the
@@ -98,13 +100,17 @@ class _CheckGen:
         self.ns[name] = value
         return name
 
-    def types_check(self, types_: frozenset[type], expr: str) -> str:
+    def types_check(self, types_: frozenset[type], expr: str, exact: bool) -> str:
         check = f"set(map(type, {expr})) <= {self.const(types_)}"
         # Large bytes may have to go out of band, which only the general encoder does.
-        return f"st is None and {check}" if bytes in types_ else check
+        return f"st is None and {check}" if bytes in types_ and not exact else check
 
-    def enc(self, node: Any, v: str) -> str | None:
-        """A check that the value can be handed to cbor2 as it is."""
+    def enc(self, node: Any, v: str, exact: bool = False) -> str | None:
+        """A check that the value can be handed to cbor2 as it is.
+
+        With ``exact``, whether its types are the node's own, out-of-band bytes or not: the
+        node's exactness test (see ``Node.exact``), a function of the value alone.
+        """
         shape = node.shape
         if shape is None:
             return None
@@ -113,13 +119,13 @@ class _CheckGen:
             t = shape[1]
             if t is NoneType:
                 return f"{v} is None"
-            if t is bytes:
+            if t is bytes and not exact:
                 return f"(type({v}) is bytes and (st is None or len({v}) < st.thr))"
             return f"type({v}) is {t.__name__}"
         if kind == "union":
             parts = []
             for member in shape[1]:
-                part = self.enc(member, v)
+                part = self.enc(member, v, exact)
                 if part is None:
                     return None
                 parts.append(part)
@@ -127,7 +133,7 @@ class _CheckGen:
         if kind == "tuple":
             parts = [f"type({v}) is tuple", f"len({v}) == {len(shape[1])}"]
             for i, member in enumerate(shape[1]):
-                part = self.enc(member, f"{v}[{i}]")
+                part = self.enc(member, f"{v}[{i}]", exact)
                 if part is None:
                     return None
                 parts.append(part)
@@ -136,20 +142,20 @@ class _CheckGen:
             ktypes, vtypes = scalar_types(shape[1]), scalar_types(shape[2])
             if ktypes is not None and vtypes is not None:
                 return (
-                    f"(type({v}) is dict and {self.types_check(ktypes, v)}"
-                    f" and {self.types_check(vtypes, f'{v}.values()')})"
+                    f"(type({v}) is dict and {self.types_check(ktypes, v, exact)}"
+                    f" and {self.types_check(vtypes, f'{v}.values()', exact)})"
                 )
             k, x = self.fresh("k"), self.fresh("x")
-            kc, vc = self.enc(shape[1], k), self.enc(shape[2], x)
+            kc, vc = self.enc(shape[1], k, exact), self.enc(shape[2], x, exact)
             if kc is None or vc is None:
                 return None
             return f"(type({v}) is dict and all({kc} and {vc} for {k}, {x} in {v}.items()))"
         item = shape[1]
         types_ = scalar_types(item)
         if types_ is not None:
-            return f"(type({v}) is {_SEQ_PYTYPE[kind]} and {self.types_check(types_, v)})"
+            return f"(type({v}) is {_SEQ_PYTYPE[kind]} and {self.types_check(types_, v, exact)})"
         x = self.fresh("x")
-        part = self.enc(item, x)
+        part = self.enc(item, x, exact)
         if part is None:
             return None
         return f"(type({v}) is {_SEQ_PYTYPE[kind]} and all({part} for {x} in {v}))"
@@ -274,6 +280,65 @@ def finish(node: _N) -> _N:
         n.enc = ns.get("enc", n.enc)
         n.dec = ns.get("dec", n.dec)
     return node
+
+
+def exact_check(node: Any) -> Callable[[Any], bool]:
+    """The exactness test of a native node: its fast path's check, large bytes or not."""
+    gen = _CheckGen()
+    check = gen.enc(node, "v", exact=True)
+    if check is None:  # not a native node
+        raise AssertionError(f"no generated check for {node.label}")
+    ns = _run(f"def exact(v):\n    return {check}\n", gen.ns, node.label)
+    return cast("Callable[[Any], bool]", ns["exact"])
+
+
+def passes_as_is(node: Any) -> bool:
+    """Whether the node's encoder hands every value that passes its exactness test to cbor2
+    untouched: native nodes, unless they hold bytes (which may have to go out of band)."""
+    shape = node.shape
+    if shape is None:
+        return False
+    kind = shape[0]
+    if kind == "scalar":
+        return shape[1] is not bytes
+    if kind == "union" or kind == "tuple":
+        return all(passes_as_is(m) for m in shape[1])
+    if kind == "dict":
+        return passes_as_is(shape[1]) and passes_as_is(shape[2])
+    return passes_as_is(shape[1])
+
+
+def fields_exact(
+    cls: type, getter: Callable[[Any], Any], fields: list[Any]
+) -> Callable[[Any], bool]:
+    """The exactness test of a class sent as its fields (dataclass, named tuple).
+
+    Written out field by field, scalar fields as inline type checks: a union of lists of
+    dataclasses runs it on every item, and a loop over the fields costs several times more.
+    """
+    ns: dict[str, Any] = {"_cls": cls, "_getter": getter}
+    checks = []
+    for i, field in enumerate(fields):
+        shape = field.shape
+        if shape is not None and shape[0] == "scalar":
+            t = shape[1]
+            if t is NoneType:
+                checks.append(f"f[{i}] is None")
+            else:
+                ns[f"_t{i}"] = t
+                checks.append(f"type(f[{i}]) is _t{i}")
+        else:
+            ns[f"_e{i}"] = field.exact
+            checks.append(f"_e{i}(f[{i}])")
+    body = " and ".join(checks) or "True"
+    src = (
+        "def exact(v):\n"
+        "    if type(v) is not _cls:\n"
+        "        return False\n"
+        "    f = _getter(v)\n"
+        f"    return {body}\n"
+    )
+    return cast("Callable[[Any], bool]", _run(src, ns, cls.__qualname__)["exact"])
 
 
 # -- direct encoding and decoding of scalars and short tuples of scalars ------------------------

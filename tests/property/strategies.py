@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, TypedDict
 
 import cbor2
 import numpy as np
+from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -68,6 +69,14 @@ class Settings:
 
 
 @dataclasses.dataclass
+class Reading:
+    """Fields whose union members take each other's values under the number rules."""
+
+    samples: list[float] | list[int]
+    scale: tuple[float, ...] | tuple[bool, ...] | None = None
+
+
+@dataclasses.dataclass
 class Tree:
     value: int
     children: list[Tree] = dataclasses.field(default_factory=list)
@@ -107,6 +116,13 @@ class Perm(enum.Flag):
     R = 4
     W = 2
     X = 1
+
+
+class Bits(enum.IntFlag):
+    """Its members are ints too: ``list[int]`` takes them, and they arrive as plain ints."""
+
+    A = 1
+    B = 2
 
 
 class Odd(enum.Enum):
@@ -363,6 +379,109 @@ def scalar_tuple_annotations() -> st.SearchStrategy[Any]:
     return scalar | st.lists(scalar, max_size=4).map(
         lambda tps: _tuple[tuple(tps)] if tps else tuple[()]
     )
+
+
+# -- unions whose members take each other's values -------------------------------------------------
+
+_finite = st.floats(allow_nan=False)
+_bits = st.sets(st.sampled_from(list(Bits))).map(
+    lambda members: functools.reduce(operator.or_, members, Bits(0))
+)
+# Leaf types that one member takes for another without error: the number rules (an int where a
+# float is declared), subclasses (bool and IntEnum are ints, StrEnum members strs) and the
+# interchangeable bytes-likes. Each entry: (type, its values, hashable).
+_RIVALS: list[list[tuple[Any, st.SearchStrategy[Any], bool]]] = [
+    [
+        (float, floats, False),
+        (float, _finite, True),
+        (int, ints, True),
+        (bool, st.booleans(), True),
+        (Level, st.sampled_from(list(Level)), True),
+        (Bits, _bits, True),
+    ],
+    [(str, texts, True), (Mode, st.sampled_from(list(Mode)), True)],
+    [
+        (bytes, binaries, True),
+        (bytearray, binaries.map(bytearray), False),
+        (memoryview, binaries.map(memoryview), False),
+    ],
+    [
+        (
+            Reading,
+            st.builds(
+                Reading,
+                st.lists(floats, max_size=3) | st.lists(ints, max_size=3),
+                st.none()
+                | st.lists(floats, max_size=3).map(tuple)
+                | st.lists(st.booleans(), max_size=3).map(tuple),
+            ),
+            False,
+        )
+    ],
+]
+
+# A template is a nested annotation whose leaves are still to be picked from a family of
+# _RIVALS: ("leaf", family) | ("list", t) | ("vtuple", t) | ("tuple", [t, ...]) |
+# ("dict", key leaf, t) | ("set", leaf) | ("frozenset", leaf) | ("optional", t). Every member
+# of a union fills in the same template, so the members share their CBOR shape and differ only
+# in leaf types that can take each other's values.
+_families = st.integers(min_value=0, max_value=len(_RIVALS) - 1)
+_key_leaves = st.integers(min_value=0, max_value=2).map(lambda f: ("leaf", f))
+_templates: st.SearchStrategy[Any] = st.recursive(
+    _families.map(lambda f: ("leaf", f)),
+    lambda inner: st.one_of(
+        inner.map(lambda t: ("list", t)),
+        inner.map(lambda t: ("vtuple", t)),
+        st.lists(inner, min_size=1, max_size=3).map(lambda ts: ("tuple", ts)),
+        st.tuples(_key_leaves, inner).map(lambda kt: ("dict", kt[0], kt[1])),
+        _key_leaves.map(lambda k: ("set", k)),
+        _key_leaves.map(lambda k: ("frozenset", k)),
+        inner.map(lambda t: ("optional", t)),
+    ),
+    max_leaves=4,
+)
+
+
+def _fill(draw: st.DrawFn, template: Any, hashable: bool) -> tuple[Any, st.SearchStrategy[Any]]:
+    """One member: (annotation, its values) with the template's leaves picked by ``draw``."""
+    kind = template[0]
+    if kind == "leaf":
+        pool = [r for r in _RIVALS[template[1]] if r[2] or not hashable]
+        # Now and then a leaf is itself a union of two rivals (list[float | int]).
+        picked = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2))
+        return _Union[tuple(r[0] for r in picked)], st.one_of(*(r[1] for r in picked))
+    if kind == "list":
+        tp, values = _fill(draw, template[1], hashable)
+        return _list[tp], st.lists(values, max_size=3)
+    if kind == "vtuple":
+        tp, values = _fill(draw, template[1], hashable)
+        return _tuple[tp, ...], st.lists(values, max_size=3).map(tuple)
+    if kind == "tuple":
+        items = [_fill(draw, t, hashable) for t in template[1]]
+        return _tuple[tuple(tp for tp, _ in items)], st.tuples(*(v for _, v in items))
+    if kind == "dict":
+        ktp, keys = _fill(draw, template[1], True)
+        vtp, values = _fill(draw, template[2], hashable)
+        return _dict[ktp, vtp], st.dictionaries(keys, values, max_size=3)
+    if kind == "set" or kind == "frozenset":
+        tp, items = _fill(draw, template[1], True)
+        if kind == "set":
+            return _set[tp], st.sets(items, max_size=3)
+        return _frozenset[tp], st.frozensets(items, max_size=3)
+    tp, values = _fill(draw, template[1], hashable)
+    return tp | None, st.none() | values
+
+
+@st.composite
+def rival_unions(draw: st.DrawFn) -> tuple[Any, Any]:
+    """Draw ``(annotation, value)``: a union of two or three members of one shape whose leaf
+    types take each other's values (``list[float] | list[int]``, ``tuple[str, ...] |
+    tuple[Mode, ...]``), in any order, and a value of one of them, exactly typed."""
+    template = draw(_templates)
+    members = [_fill(draw, template, False) for _ in range(draw(st.integers(2, 3)))]
+    assume(len({m[0] for m in members}) > 1)  # equal members collapse into one: no rivals
+    tp = _Union[tuple(m[0] for m in members)]
+    return tp, draw(st.one_of(*(m[1] for m in members)))
 
 
 # -- hostile payloads -----------------------------------------------------------------------------

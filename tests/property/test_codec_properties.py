@@ -24,6 +24,7 @@ from tests.property.strategies import (
     floats,
     ints,
     leaf_cases,
+    rival_unions,
     same,
     scalar_tuple_annotations,
     texts,
@@ -45,6 +46,18 @@ def test_round_trip_is_exact(case: tuple[Any, Any]) -> None:
     encoded = codec.encode(value)
     assert encoded.buffers == ()
     assert same(codec.decode(encoded.data), expected(tp, value))
+
+
+@moderate
+@given(rival_unions(), st.sampled_from([None, 0]))
+def test_union_members_that_take_each_others_values_keep_the_types(
+    case: tuple[Any, Any], threshold: int | None
+) -> None:
+    """A value comes back as the member that holds it exactly, never converted by another."""
+    tp, value = case
+    codec: TypeCodec[Any] = TypeCodec(tp, oob_threshold=threshold)
+    encoded = codec.encode(value)
+    assert same(codec.decode(encoded.data, encoded.buffers), value)
 
 
 @moderate

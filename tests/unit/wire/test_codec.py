@@ -33,7 +33,7 @@ from rapace.wire._codec_core import (
     TAG_OOB_NDARRAY,
     TAG_UNION,
 )
-from tests.property.strategies import Color, Level, Mode, Odd, Perm, same
+from tests.property.strategies import Bits, Color, Level, Mode, Odd, Perm, Reading, same
 
 # -- types -----------------------------------------------------------------------------------------
 
@@ -130,6 +130,10 @@ class Tagged(NamedTuple):
 class Holder:
     perms: frozenset[bool | Perm]
     by_name: dict[str, set[bool | Perm]]
+
+
+class Span(NamedTuple):
+    bounds: tuple[float, float] | tuple[int, int]
 
 
 def round_trip(tp: Any, value: Any, *, oob: int | None = None, root: str = "value") -> Any:
@@ -325,6 +329,97 @@ def test_int_declared_float_arrives_as_float() -> None:
 
 def test_int_and_float_in_a_union_keep_their_types() -> None:
     assert_same(round_trip(list[int | float], [1, 1.0, 2, -0.0]), [1, 1.0, 2, -0.0])
+
+
+# Unions whose members take each other's values (an int where a float is declared, a bool or an
+# IntEnum where an int is, a StrEnum member where a str is, any bytes-like where bytes are): the
+# value must come back as the member that holds it exactly, whatever the declaration order.
+RIVAL_MEMBERS_CASES: list[tuple[Any, Any]] = [
+    (list[float] | list[int], [0]),
+    (list[int] | list[float], [0]),
+    (tuple[float, ...] | tuple[int, ...], (1, 2)),
+    (tuple[float, int] | tuple[int, int], (1, 2)),
+    (dict[str, float] | dict[str, int], {"a": 1}),
+    (dict[float, str] | dict[int, str], {1: "a"}),
+    (set[float] | set[int], {1}),
+    (frozenset[float] | frozenset[int], frozenset({1})),
+    (Optional[list[float] | list[int]], [1]),  # noqa: UP045
+    (list[list[float] | list[int]], [[1], [1.5], []]),
+    (dict[str, list[float] | list[int] | None], {"a": [1], "b": None}),
+    (list[float | str] | list[int], [1]),
+    (list[float | None] | list[int | None], [1, None]),
+    (Reading, Reading([1, 2], (True,))),
+    (list[Reading], [Reading([1.5]), Reading([1], (0.5,))]),
+    (Span, Span((1, 2))),
+    (list[bytes] | list[bytearray], [bytearray(b"x")]),
+    (list[memoryview] | list[bytes], [b"x"]),
+    (list[int] | list[bool], [True, False]),
+    (list[float] | list[bool], [True]),
+    (tuple[int, int] | tuple[bool, bool], (True, False)),
+    (list[int] | list[Level], [Level.HIGH]),
+    (list[float] | list[Level], [Level.LOW]),
+    (list[int] | list[Bits], [Bits.A | Bits.B]),
+    (list[str] | list[Mode], [Mode.READ]),
+    (dict[str, int] | dict[Mode, int], {Mode.READ: 1}),
+    (list[Any] | list[tuple[int, int]], [(1, 2)]),
+]
+
+# Rival members that already kept their types, and must go on doing so.
+RIVAL_MEMBERS_KEPT: list[tuple[Any, Any]] = [
+    (list[float] | list[int], [0.5]),
+    (list[float] | list[int], []),
+    (float | int, 1),
+    (float | int, 1.0),
+    (int | float, 1.0),
+    (int | bool, True),
+    (bool | int, 1),
+    (float | bool, True),
+    (list[bool] | list[int], [1]),
+    (int | Level, Level.HIGH),
+    (Level | int, 10),
+    (int | Bits, Bits.A | Bits.B),
+    (Bits | int, 3),
+    (str | Mode, Mode.READ),
+    (Mode | str, "r"),
+    (bytes | bytearray, bytearray(b"x")),
+    (bytearray | bytes, b"x"),
+    (memoryview | bytes, b"x"),
+    (bytes | memoryview, memoryview(b"x")),
+    (float | decimal.Decimal, decimal.Decimal("1.5")),
+    (list[float] | list[decimal.Decimal], [decimal.Decimal("1")]),
+    (list[Point] | list[Vector], [Vector(1)]),
+    (list[Any] | list[int], [1]),
+]
+
+
+@pytest.mark.parametrize("oob", [None, 0], ids=["in-band", "out-of-band"])
+@pytest.mark.parametrize(
+    ("tp", "value"), RIVAL_MEMBERS_CASES + RIVAL_MEMBERS_KEPT, ids=lambda x: repr(x)[:50]
+)
+def test_union_sends_a_value_as_the_member_that_holds_it_exactly(
+    tp: Any, value: Any, oob: int | None
+) -> None:
+    assert same(round_trip(tp, value, oob=oob), value)
+
+
+def test_union_converts_only_when_no_member_holds_the_value_exactly() -> None:
+    # Nothing holds [1, 0.5] as it is: the first member that takes it does, as before.
+    assert same(round_trip(list[float] | list[int], [1, 0.5]), [1.0, 0.5])
+    assert same(round_trip(list[float] | list[str], [1]), [1.0])
+    assert same(round_trip(list[int] | list[str], [True, Level.LOW]), [1, 1])
+    with pytest.raises(EncodeError, match=re.escape("value[1]: expected float, got str")):
+        TypeCodec(list[float] | list[int]).encode([1, "x"])
+
+
+def test_a_rival_member_travels_under_its_own_tag() -> None:
+    codec = TypeCodec(list[float] | list[int])
+    tag = cbor2.loads(codec.encode([0]).data)
+    assert tag.tag == TAG_UNION
+    assert same(list(tag.value[1]), [0])
+    assert same(codec.decode(cbor2.dumps(tag)), [0])
+    # What the encoder used to send (the list[float] member, converted) still decodes as that.
+    old = cbor2.CBORTag(TAG_UNION, [1 - tag.value[0], [0.0]])
+    assert same(codec.decode(cbor2.dumps(old)), [0.0])
 
 
 def test_union_of_same_shaped_members_is_tagged() -> None:
