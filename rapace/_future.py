@@ -133,7 +133,8 @@ class Future(concurrent.futures.Future[T]):
             except BaseException:
                 self.cancel()  # our task was cancelled: so is the call
                 raise
-        return self.result()
+        # Done: neither the pool-loop guard nor the lane's wait of result() has work here.
+        return concurrent.futures.Future.result(self)
 
     def _calls_back(self) -> bool:
         """Whether completing it now would run done-callbacks (user code) in that thread."""
