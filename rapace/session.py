@@ -294,7 +294,7 @@ class RpcSession:
         # The running backend's CancelScope class: it can be made outside a task, and
         # without anyio looking the backend up again for every call.
         self._scope_type: type[anyio.CancelScope] = anyio.CancelScope
-        self._backend: _Clock = _AnyBackend  # the running backend, once the session runs
+        self._backend: _Backend = _AnyBackend  # the running backend, once the session runs
         # Tasks this session made runnable (handlers spawned, callers woken) that have not
         # run yet: while there are any, frames are held to be written together (_write_now).
         self._runnable = 0
@@ -872,9 +872,14 @@ class RpcSession:
             if not self.closed:
                 with contextlib.suppress(LocalProtocolError):
                     self._wire.send_error(event.channel_id, payload)
-        except BaseException as exc:  # as a handler task's would, it ends the session
-            self._on_crash(exc)
-            raise
+        except BaseException as exc:
+            if not isinstance(exc, self._backend.cancelled_exception_class()):
+                self._on_crash(exc)  # as a handler task's would, it ends the session
+                raise
+            # Raised by the handler itself: nothing can cancel a handler that never awaits.
+            if not self.closed:
+                with contextlib.suppress(LocalProtocolError):
+                    self._wire.send_error(event.channel_id, _HANDLER_CANCELLED)
         else:
             if not self.closed:
                 with contextlib.suppress(LocalProtocolError):
@@ -910,6 +915,12 @@ class RpcSession:
             except Exception as exc:
                 payload = ErrorPayload.from_exception(exc, status=_status_of(exc)).encode()
                 return partial(wire.send_error, channel_id, payload)
+            except self._backend.cancelled_exception_class():
+                if scope.cancel_called or self._backend.current_effective_deadline() == -math.inf:
+                    raise  # a real cancellation: this call's, or the session's
+                # The handler raised it itself (asyncio.CancelledError() as an error): an
+                # answer, or its caller would wait for one forever.
+                return partial(wire.send_error, channel_id, _HANDLER_CANCELLED)
         # Cancelled: by the caller, its deadline, or the session (then nothing is sent).
         reason = state.cancel_reason
         if reason is None and scope.cancelled_caught:
@@ -1118,6 +1129,13 @@ class _RemoteLoop(Generic[T]):
             stream.close_now()
 
 
+# What the caller of a handler that raised a cancellation exception of its own is told.
+_HANDLER_CANCELLED: Final = ErrorPayload.from_exception(
+    RapaceError("the handler raised a cancellation exception of its own: the call was cancelled"),
+    status=Status.CANCELLED,
+).encode()
+
+
 class _InvalidArgument(RapaceError, ValueError):
     """The request's arguments did not decode into the method's parameter types."""
 
@@ -1231,12 +1249,14 @@ def _bind(spec: MethodSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) ->
     return bind_arguments(spec, args, kwargs)
 
 
-class _Clock(Protocol):
-    """What a caller's deadline is read from: an anyio backend class."""
+class _Backend(Protocol):
+    """What the session asks of its anyio backend class."""
 
     def current_effective_deadline(self) -> float: ...
 
     def current_time(self) -> float: ...
+
+    def cancelled_exception_class(self) -> type[BaseException]: ...
 
 
 class _AnyBackend:
@@ -1249,6 +1269,10 @@ class _AnyBackend:
     @staticmethod
     def current_time() -> float:
         return anyio.current_time()
+
+    @staticmethod
+    def cancelled_exception_class() -> type[BaseException]:
+        return anyio.get_cancelled_exc_class()
 
 
 def _pop_stream(spec: MethodSpec, values: list[Any]) -> Iterable[Any] | AsyncIterable[Any] | None:

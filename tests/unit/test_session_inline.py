@@ -10,6 +10,7 @@ task (pytest-timeout bounds them instead).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import socket
@@ -186,6 +187,9 @@ class Inline:
     async def fail(self, message: str) -> int:
         raise KeyError(message)
 
+    async def cancel_itself(self) -> int:
+        raise asyncio.CancelledError  # not a cancellation: nothing can cancel it here
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -323,3 +327,14 @@ async def test_a_handler_whose_code_changed_after_the_verdict_fails_cleanly(
                 await proxy.swapped()
             assert not client.closed
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_inline_handler_raising_cancelled_error_is_answered(pair: Pair) -> None:
+    """Its caller is told the call was cancelled; the session goes on (it once ended)."""
+    async with _connected(pair, Inline()) as (proxy, server):
+        with pytest.raises(rapace.RapaceError, match="cancellation exception of its own"):
+            await asyncio.wait_for(proxy.cancel_itself(), 10)  # no anyio deadline: inline
+        assert await asyncio.wait_for(proxy.add(1, 2), 10) == 3
+        assert server.inline_calls == 2

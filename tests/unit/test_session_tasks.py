@@ -7,6 +7,7 @@ loop's callback), under asyncio and trio.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import socket
 import time
@@ -99,6 +100,10 @@ class Tasks:
 
     async def add(self, a: int, b: int) -> int:
         return a + b
+
+    async def cancel_itself(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        raise asyncio.CancelledError  # an error of its own, not a cancellation of the call
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -348,3 +353,14 @@ async def test_a_peer_that_shakes_hands_and_leaves_makes_a_closed_session() -> N
         ) as server:
             await server.wait_closed()
             assert isinstance(server._close_reason, rapace.Unavailable)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_handler_raising_cancelled_error_of_its_own_is_answered(pair: Pair) -> None:
+    """Not a cancellation of its scope nor of the session: the caller is told the call was
+    cancelled (it used to wait forever) and the session goes on."""
+    with anyio.fail_after(10):
+        async with _connect(pair, Tasks()) as (calc, _, _):
+            with pytest.raises(rapace.RapaceError, match="cancellation exception of its own"):
+                await calc.cancel_itself()
+            assert await calc.add(1, 2) == 3
