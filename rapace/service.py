@@ -36,6 +36,7 @@ from typing_extensions import is_typeddict
 
 from rapace._errors import EncodeError, RapaceError
 from rapace.wire import CallKind, MethodEntry, codec_for, method_id
+from rapace.wire._codec_core import member_key, type_name
 
 __all__ = (
     "MethodSpec",
@@ -357,34 +358,23 @@ def type_repr(tp: object) -> str:
     if origin is typing.Literal:
         return f"Literal[{', '.join(repr(a) for a in args)}]"
     if origin is not None:
-        base = _type_name(origin)
+        base = type_name(origin)
         if not args:
             return base
         parts = ", ".join("..." if a is Ellipsis else type_repr(a) for a in args)
         return f"{base}[{parts}]"
     if isinstance(tp, type):
-        return _type_name(tp)
+        return type_name(tp)
     return repr(tp)
-
-
-def _type_name(tp: object) -> str:
-    if not isinstance(tp, type):
-        return repr(tp)
-    module = tp.__module__
-    if module == "builtins":
-        return tp.__qualname__
-    if module in ("collections.abc", "typing", "datetime", "decimal", "uuid", "enum"):
-        return f"{module}.{tp.__qualname__}" if module != "typing" else tp.__qualname__
-    if module == "numpy":
-        return f"numpy.{tp.__qualname__}"
-    return tp.__qualname__
 
 
 def _signature_hash(kind: CallKind, params: list[ParamSpec], returns: object) -> bytes:
     """SHA-256 over a canonical, structural description of the signature.
 
     Structural, so that a host and a plugin whose dataclass gained a field, or whose enum
-    gained a member, disagree here instead of mis-decoding each other's payloads.
+    gained a member, disagree here instead of mis-decoding each other's payloads. Unions are
+    described in the order the codec numbers their members, which does not depend on how a
+    process came by the union (see ``_shape``).
     """
     shape = [
         int(kind),
@@ -399,6 +389,17 @@ def _shape(tp: object, seen: set[int]) -> object:
     if isinstance(tp, type) and id(tp) in seen:
         return ["ref", type_repr(tp)]
     origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        # typing's caches go by equality, so a process may get ``B | A`` for ``A | B``, and
+        # Union[...] for ``|`` (``List[int | str]`` can come back as ``List[Union[int, str]]``):
+        # two processes would hash different descriptions of one signature. The members go in
+        # the codec's canonical order, their wire indices, so equal hashes also mean equal
+        # indices; members that order leaves tied are compiled alike, or refused by the codec
+        # in a tagged union, and their own descriptions order them. Always named UnionType, as
+        # ``A | B`` was before: its hash stays the same where it was written in this order.
+        members = [(member_key(a), _shape(a, seen)) for a in typing.get_args(tp)]
+        members.sort(key=lambda m: (m[0], json.dumps(m[1], separators=(",", ":"))))
+        return ["UnionType", [shape for _, shape in members]]
     if origin is not None:
         return [type_repr(origin), [_shape(a, seen) for a in typing.get_args(tp)]]
     if not isinstance(tp, type):

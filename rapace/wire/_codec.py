@@ -21,7 +21,10 @@ Encoding rules worth knowing:
   list[str]``), the value is wrapped in a union tag carrying the member index. A value goes to
   the member that holds it exactly, same types all the way down, when one does (``[0]`` is the
   ``list[int]`` of ``list[float] | list[int]``, ``True`` the ``bool`` of ``int | bool``); only
-  otherwise to the first member that takes it by the rules above.
+  otherwise to the first member that takes it by the rules above. Index and "first" go by the
+  union's canonical order (by name, ``None`` last; see ``_codec_core.member_key``), not the
+  order written: ``A | B == B | A``, and which one a process gets depends on what it built
+  first.
 - Dataclasses and named tuples travel as arrays of their fields, typed dicts as maps. Enums
   travel as their value when every value is an ``int`` (or every value a ``str``), else by name.
 - Datetimes keep their ``utcoffset`` (as a fixed-offset timezone, the zone name is not sent) and
@@ -63,7 +66,8 @@ tag         meaning                                 content
 0x72617004  time                                    ``[h, m, s, us, off, fold]``
 0x72617005  timedelta                               ``[days, seconds, us]``
 0x72617006  Decimal                                 text, ``str(d)`` (exact)
-0x72617007  union member                            ``[member index, value]``
+0x72617007  union member                            ``[member index, value]`` (canonical
+                                                    order)
 0x72617008  bytes in shared memory                  ``[where, offset, nbytes, writable]``
 0x72617009  ndarray in shared memory                ``[where, offset, dtype, shape,
                                                     strides, writable]``

@@ -14,6 +14,8 @@ import dataclasses
 import datetime as _dt
 import decimal
 import enum
+import itertools
+import json
 import operator
 import sys
 import types
@@ -1100,16 +1102,25 @@ class _Compiler:
         return finish(Node(label, enc, dec, _SET, frozenset({origin}), shape, exact_of))
 
     def _union(self, tp: object, args: Sequence[object]) -> Node:
-        members: list[Node] = []
+        ranked: list[tuple[tuple[bool, str], tuple[type, ...], Node]] = []
         for arg in args:
             member = self._child(arg, "")
             if member is _ANY:
                 return _ANY
+            ranked.append((*_member_key(arg), member))
+        # The members' positions are their wire indices, and typing may hand this process the
+        # union in another order than the peer's (see member_key). sort is stable: members
+        # with equal keys keep typing's order, which _union_node makes sure cannot matter.
+        ranked.sort(key=operator.itemgetter(0))
+        members: list[Node] = []
+        keys: list[tuple[str, tuple[type, ...]]] = []
+        for (_, text), classes, member in ranked:
             if member not in members:
                 members.append(member)
+                keys.append((text, classes))
         if len(members) == 1:
             return members[0]
-        return _union_node(label_of(tp), members)
+        return _union_node(label_of(tp), members, keys)
 
     def _fields_node(
         self,
@@ -1306,7 +1317,136 @@ def _enum_node(cls: type[enum.Enum]) -> Node:
     return Node(label, enc, dec, frozenset({kind}), frozenset({cls}))
 
 
-def _union_node(label: str, members: list[Node]) -> Node:
+# -- the canonical order of a union's members -------------------------------------------------
+
+
+def type_name(tp: object) -> str:
+    """A type as schemas name it: ``int``, ``datetime.date``, ``numpy.ndarray``, and any other
+    class by its qualified name alone (``Point``, ``Outer.Inner``).
+
+    Without the module: a peer may import the same class from a module named otherwise.
+    """
+    if not isinstance(tp, type):
+        return repr(tp)
+    module = tp.__module__
+    if module == "builtins":
+        return tp.__qualname__
+    if module in ("collections.abc", "typing", "datetime", "decimal", "uuid", "enum"):
+        return f"{module}.{tp.__qualname__}" if module != "typing" else tp.__qualname__
+    if module == "numpy":
+        return f"numpy.{tp.__qualname__}"
+    return tp.__qualname__
+
+
+def member_key(tp: object) -> tuple[bool, str]:
+    """Where ``tp`` goes among a union's members: the canonical order, the same in every process.
+
+    A tagged union sends a member's position. But ``A | B == B | A``, and typing's caches (and
+    the codec's, looked up by equality) hand a process whichever order it happened to build
+    first, so the position cannot be typing's. Members are sorted by this key instead, a
+    function of the member alone: the compact JSON of its description by name (:func:`type_name`,
+    generic arguments in order, nested unions in this same order, ``Annotated``, ``NewType`` and
+    type variables unwrapped as the codec unwraps them), ``None`` last.
+
+    Classes are described by name, not by their fields: the codec compiles a union once for
+    every place it appears, and a description of fields has to cut a recursive class where it
+    repeats, which depends on where the union sits. Members the name leaves equal are dealt with
+    by :func:`_check_told_apart`. ``None`` goes last, where ``T | None`` writes it: such a union
+    keeps the signature hash it had before there was a canonical order.
+    """
+    return _ranked(tp)[0]
+
+
+def _member_key(tp: object) -> tuple[tuple[bool, str], tuple[type, ...]]:
+    """:func:`member_key`, and the classes the description names, in its order."""
+    key, _, classes = _ranked(tp)
+    return key, tuple(classes)
+
+
+# json.dumps builds an encoder per call when given separators.
+_compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _ranked(tp: object) -> tuple[tuple[bool, str], object, list[type]]:
+    classes: list[type] = []
+    described = _describe(tp, classes)
+    text = _compact_json(described)
+    return (text == '"None"', text), described, classes
+
+
+def _describe(tp: object, classes: list[type]) -> object:
+    """The JSON-able description behind :func:`member_key`; every class it names is appended to
+    ``classes``, so that equal descriptions with the same classes mean members the codec
+    compiles alike."""
+    tp = _Compiler._unwrap(tp)
+    if tp is typing.Any:
+        return "Any"
+    if tp is None or tp is _NoneType:
+        return "None"
+    if tp is Ellipsis:
+        return "..."
+    if tp is tuple or tp is _BARE_TUPLE:
+        return "tuple"  # tuple[Any, ...] to the codec, while tuple[()] also has no arguments
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        ranked = sorted(map(_ranked, typing.get_args(tp)), key=operator.itemgetter(0))
+        if any(described == "Any" for _, described, _ in ranked):
+            return "Any"  # as the codec compiles it
+        for _, _, found in ranked:
+            classes.extend(found)
+        return ["union", [described for _, described, _ in ranked]]
+    if origin is not None:
+        if isinstance(origin, type):
+            classes.append(origin)
+        return [type_name(origin), [_describe(a, classes) for a in typing.get_args(tp)]]
+    if isinstance(tp, type):
+        classes.append(tp)
+        return type_name(tp)
+    return repr(tp)  # nothing the codec compiles
+
+
+def _check_told_apart(label: str, keys: Sequence[tuple[str, tuple[type, ...]]]) -> None:
+    """Refuse a tagged union two of whose members have one key but different classes.
+
+    Sorting leaves them in typing's order, which need not be the peer's, so an index could mean
+    either (``a.Point | b.Point``, or a class defined again under its old name, as a re-run
+    notebook cell does, beside a union still holding the old one). Nothing safe tells them apart:
+    their fields would not, identical fields being the likely case. Members with one key and the
+    same classes (``list[int]`` and ``list[Annotated[int, ...]]``) are compiled alike, so either
+    index decodes the same; and a union sent bare has no index at all.
+    """
+    for (text, classes), (other, other_classes) in itertools.pairwise(keys):
+        if text != other:
+            continue
+        differ = [(a, b) for a, b in zip(classes, other_classes, strict=False) if a is not b]
+        if not differ and len(classes) == len(other_classes):
+            continue
+        what = "different types of one name"
+        if differ:
+            qa, qb = (f"{t.__module__}.{t.__qualname__}" for t in differ[0])
+            if qa == qb:
+                what = f"two different classes both named {qa} (one defined again?)"
+            else:
+                what = f"{qa} and {qb}, two classes of one name"
+        raise Fail(
+            f"{label} cannot be sent: two of its members differ only in using {what}, and "
+            "members are told apart by name, so a peer could not know which one an index "
+            "means. Rename one of the classes, or build the annotation again from the current "
+            "definitions"
+        )
+
+
+def _union_node(
+    label: str, members: list[Node], keys: Sequence[tuple[str, tuple[type, ...]]]
+) -> Node:
+    """A union of at least two members, in the canonical order (:func:`member_key`); ``keys``
+    are theirs.
+
+    That order is their wire index, and the order the encoder tries them in: where no member
+    holds a value exactly, the first in it that takes the value decides what it arrives as
+    (``True`` as ``1.0`` for ``int | float``). typing's order would make that depend on which
+    spelling of the union the sending process happened to build first.
+    """
     # Members that cbor2 reads back as different Python types need no tag.
     seen: set[type] = set()
     tagged = False
@@ -1315,6 +1455,8 @@ def _union_node(label: str, members: list[Node]) -> Node:
             tagged = True
             break
         seen |= member.kinds
+    if tagged:
+        _check_told_apart(label, keys)
     n = len(members)
     candidates: dict[type, list[tuple[int, bool]]] = {}
 
@@ -1402,10 +1544,11 @@ def _prefer_exact(convert: _Enc, members: Sequence[Node], tagged: bool) -> _Enc:
 
     When several members take a value's type (a list for ``list[float] | list[int]``), the
     first to accept it is not necessarily the one it belongs to: ``list[float]`` takes ``[0]``
-    under the number rules and it would arrive as ``[0.0]``. Those members are asked, in
-    declaration order, whether the value would come back unchanged; ``convert`` (the first
-    member that accepts the value, converting it if it must) is only used when none would.
-    Unions whose members take disjoint types never get here, and pay nothing for it.
+    under the number rules and it would arrive as ``[0.0]``. Those members are asked, in the
+    union's canonical order (see :func:`_union_node`), whether the value would come back
+    unchanged; ``convert`` (the first member in that order that accepts the value, converting
+    it if it must) is only used when none would. Unions whose members take disjoint types
+    never get here, and pay nothing for it.
     """
     exacts = [m.exact for m in members]
     # Native members pass an exact value to cbor2 as it is: no need to run their check twice.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import typing
 from typing import Any
+from unittest import mock
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from rapace._errors import DecodeError
 from rapace.wire._codec import CodecLimits, TypeCodec
+from rapace.wire._codec_core import _NODES
 from tests.property.strategies import (
     Case,
     Movie,
@@ -58,6 +60,27 @@ def test_union_members_that_take_each_others_values_keep_the_types(
     codec: TypeCodec[Any] = TypeCodec(tp, oob_threshold=threshold)
     encoded = codec.encode(value)
     assert same(codec.decode(encoded.data, encoded.buffers), value)
+
+
+@moderate
+@given(rival_unions(), st.data(), st.sampled_from([None, 0]))
+def test_a_union_built_from_its_members_in_another_order_reads_the_same(
+    case: tuple[Any, Any], data: st.DataObject, threshold: int | None
+) -> None:
+    """Another process may have met the union in another order (``A | B == B | A``, and the
+    caches go by equality): its codec numbers the members the same, and reads exactly what this
+    one sent. Both are compiled from scratch, in the order each was given."""
+    tp, value = case
+    members = typing.get_args(tp)
+    permuted: Any = typing.Union[tuple(data.draw(st.permutations(members)))]  # noqa: UP007
+    with mock.patch.dict(_NODES, clear=True):
+        ours: TypeCodec[Any] = TypeCodec(tp, oob_threshold=threshold)
+    with mock.patch.dict(_NODES, clear=True):
+        theirs: TypeCodec[Any] = TypeCodec(permuted, oob_threshold=threshold)
+    sent = ours.encode(value)
+    assert same(theirs.decode(sent.data, sent.buffers), value)
+    back = theirs.encode(value)
+    assert same(ours.decode(back.data, back.buffers), value)
 
 
 @moderate

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Union
 
 import pytest
 
+from rapace._errors import IncompatibleSchema
 from rapace.service import (
+    MethodSpec,
     ServiceDefinitionError,
     Streaming,
     bind_arguments,
     describe,
     service,
     service_spec,
+    type_repr,
 )
-from rapace.wire import CallKind
+from rapace.wire import CallKind, MethodEntry, Role, Session
 
 
 @dataclasses.dataclass
@@ -240,6 +244,99 @@ def test_signature_hash_tracks_structure() -> None:
     assert build(V1) == build(V1Again)
     assert build(V1) != build(V2)
     assert len(build(V1)) == 32
+
+
+@dataclasses.dataclass
+class Segment:
+    start: Point
+    end: Point
+
+
+def _method(annotations: dict[str, Any]) -> MethodSpec:
+    async def f(self: object, p: Any) -> Any:
+        return p
+
+    f.__annotations__ = annotations
+    return service_spec(_define({"f": f})).by_name["f"]
+
+
+def _sketch(parts: Any) -> type:
+    """A dataclass named Sketch holding a union: the same structure, whatever ``parts`` order."""
+    cls = dataclasses.make_dataclass("Sketch", [("parts", parts)])
+    cls.__qualname__ = "Sketch"
+    return cls
+
+
+UNIONS_IN_EITHER_ORDER: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    ({"p": Point | Segment, "return": int}, {"p": Segment | Point, "return": int}),
+    ({"p": Union[Point, Segment], "return": int}, {"p": Segment | Point, "return": int}),  # noqa: UP007
+    ({"p": int, "return": Optional[str]}, {"p": int, "return": None | str}),  # noqa: UP045
+    ({"p": list[Point | None], "return": int}, {"p": list[None | Point], "return": int}),  # noqa: RUF036
+    (
+        {"p": dict[str, tuple[Point | Segment, int]], "return": int},
+        {"p": dict[str, tuple[Segment | Point, int]], "return": int},
+    ),
+    (
+        {"p": _sketch(list[Point | Segment]), "return": int},
+        {"p": _sketch(list[Segment | Point]), "return": int},
+    ),
+]
+
+
+def _signature_id(annotations: dict[str, Any]) -> str:
+    return f"{type_repr(annotations['p'])} -> {type_repr(annotations['return'])}"
+
+
+@pytest.mark.parametrize(("forward", "backward"), UNIONS_IN_EITHER_ORDER, ids=_signature_id)
+def test_signature_hash_does_not_depend_on_the_order_of_union_members(
+    forward: dict[str, Any], backward: dict[str, Any]
+) -> None:
+    """``A | B == B | A`` and typing's caches may give a process either: one hash for both,
+    and a Hello announcing one lets a caller holding the other through."""
+    served, calling = _method(forward), _method(backward)
+    assert served.sig_hash == calling.sig_hash
+    caller = Session(Role.INITIATOR)
+    server = Session(Role.ACCEPTOR, methods=[MethodEntry(served.method_id, "f", served.sig_hash)])
+    for frame in caller.frames_to_send():
+        server.receive_frame(frame, 0)
+    for frame in server.frames_to_send():
+        caller.receive_frame(frame, 0)
+    caller.open_call(calling.method_id, b"", now_ns=0, sig_hash=calling.sig_hash)
+    changed = _method({**backward, "return": float})
+    with pytest.raises(IncompatibleSchema):
+        caller.open_call(changed.method_id, b"", now_ns=0, sig_hash=changed.sig_hash)
+
+
+@pytest.mark.parametrize(
+    ("tp", "returns"),
+    [
+        (int | None, Point | str),  # the canonical order: hashed as before there was one
+        (None | int, str | Point),
+        (Optional[int], Union[str, Point]),  # noqa: UP007, UP045
+        (Union[None, int], Union[Point, str]),  # noqa: UP007
+    ],
+    ids=["canonical", "reversed", "typing", "typing-reversed"],
+)
+def test_a_union_is_hashed_under_one_name_with_its_members_in_canonical_order(
+    tp: Any, returns: Any
+) -> None:
+    """Whatever the spelling: named UnionType, members sorted by their key (``"Point"`` before
+    ``"str"``) and described in full, ``None`` last, where ``T | None`` always had it."""
+    point = ["dataclass", "Point", [["x", "float"], ["y", "float"]]]
+    described = [
+        0,
+        [["p", False, False, ["UnionType", ["int", "None"]]]],
+        ["UnionType", [point, "str"]],
+    ]
+    expected = hashlib.sha256(json.dumps(described, separators=(",", ":")).encode()).digest()
+    assert _method({"p": tp, "return": returns}).sig_hash == expected
+
+
+def test_a_union_the_codec_cannot_number_fails_the_definition() -> None:
+    other = dataclasses.make_dataclass("Point", [("x", float), ("y", float)])
+    other.__module__ = "elsewhere"
+    with pytest.raises(ServiceDefinitionError, match=r"Bad\.f: p: .*two classes of one name"):
+        _method({"p": list[Point] | list[other], "return": int})  # type: ignore[valid-type]
 
 
 def test_bind_arguments_applies_defaults_in_order() -> None:
