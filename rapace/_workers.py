@@ -133,9 +133,20 @@ class WorkerLaunch:
 
     async def wait_exit(self) -> int | None:
         """Wait until the process ends (pidfd, or a thread where there is none)."""
-        if self.pidfd is not None:
-            with contextlib.suppress(anyio.ClosedResourceError, OSError):
-                await anyio.wait_readable(self.pidfd)
+        pidfd = self.pidfd
+        watched = None
+        if pidfd is not None:
+            # On a duplicate of our own: another thread may close the launch's fds meanwhile
+            # (a second Ctrl-C kills and reaps the workers from the main thread), and epoll
+            # forgets a closed fd without a word, which left this wait to run out its time.
+            with contextlib.suppress(OSError):
+                watched = os.dup(pidfd)
+        if watched is not None:
+            try:
+                with contextlib.suppress(anyio.ClosedResourceError, OSError):
+                    await anyio.wait_readable(watched)
+            finally:
+                os.close(watched)
             return await anyio.to_thread.run_sync(self.process.wait)
         return await anyio.to_thread.run_sync(self.process.wait, abandon_on_cancel=True)
 
@@ -143,7 +154,8 @@ class WorkerLaunch:
         if self._closed:
             return
         self._closed = True
-        for fd in (self.status_fd, self.death_write_fd, self.pidfd):
+        pidfd, self.pidfd = self.pidfd, None  # its number may be reused from now on
+        for fd in (self.status_fd, self.death_write_fd, pidfd):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)

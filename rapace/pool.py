@@ -156,7 +156,9 @@ class _Processes:
     def __init__(self) -> None:
         self.launches: dict[int, WorkerLaunch] = {}
 
-    def kill_all(self) -> None:
+    def kill_all(self, *, close_fds: bool = True) -> None:
+        """Kill and reap every worker. ``close_fds=False`` from a thread other than a
+        running pool loop's: its tasks may be waiting on those fds, and close them."""
         for launch in list(self.launches.values()):
             process = launch.process
             if process.poll() is None:
@@ -167,8 +169,10 @@ class _Processes:
             from rapace.shm import sweep_owner
 
             sweep_owner(process.pid, launch.start_time)
-            launch.close_fds()
-        self.launches.clear()
+            if close_fds:
+                launch.close_fds()
+        if close_fds:
+            self.launches.clear()
 
 
 class _PoolCore(Generic[S]):
@@ -566,7 +570,8 @@ class _PoolCore(Generic[S]):
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already gone
                 loop.call_soon(cancel_everything)
-        self._processes.kill_all()
+        # The loop's supervisors close the fds as they reap (and _join_thread after them).
+        self._processes.kill_all(close_fds=loop is None)
         if thread is not None:
             thread.request_stop()
 
