@@ -275,7 +275,7 @@ def portable_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
 def lane_link_options(link_options: LinkOptions) -> LinkOptions:
     """A direct lane (rapace._lane) carries up to 64 calls, most of them small: room for
     their frames and small payloads (larger ones take one-off blocks, large buffers the
-    buffer blocks, as on any link) makes it ~1.6 MiB of /dev/shm instead of the main link's
+    buffer blocks, as on any link) makes it 1.5 MiB of /dev/shm instead of the main link's
     5.3."""
     return LinkOptions(ring_capacity=256, classes=LANE_CLASSES, spin=link_options.spin)
 

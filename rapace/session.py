@@ -856,35 +856,40 @@ class RpcSession:
         What _call_handler does, less what only a suspension point could need: no task, no
         cancel scope (the call has no deadline), no thread limiter.
         """
+        wire = self._wire
         try:
-            try:
-                values = _decode(codecs.args, event.payload, self._buffers)
-            except DecodeError as exc:
-                raise _InvalidArgument(f"{spec.qualified_name}: {exc}") from exc
+            values = self._arguments(spec, codecs, event.payload)
             if codecs.keyword_only:
-                positional, keywords = _split_arguments(spec, list(values))
+                positional, keywords = _split_arguments(spec, values)
                 result = run_to_completion(method(*positional, **keywords))
             else:
                 result = run_to_completion(method(*values))
             data = _encode(codecs.result, result, self._buffers)
+            send = wire.send_response
         except Exception as exc:
-            payload = ErrorPayload.from_exception(exc, status=_status_of(exc)).encode()
-            if not self.closed:
-                with contextlib.suppress(LocalProtocolError):
-                    self._wire.send_error(event.channel_id, payload)
+            data = ErrorPayload.from_exception(exc, status=_status_of(exc)).encode()
+            send = wire.send_error
         except BaseException as exc:
             if not isinstance(exc, self._backend.cancelled_exception_class()):
                 self._on_crash(exc)  # as a handler task's would, it ends the session
                 raise
             # Raised by the handler itself: nothing can cancel a handler that never awaits.
-            if not self.closed:
-                with contextlib.suppress(LocalProtocolError):
-                    self._wire.send_error(event.channel_id, _HANDLER_CANCELLED)
-        else:
-            if not self.closed:
-                with contextlib.suppress(LocalProtocolError):
-                    self._wire.send_response(event.channel_id, data)
+            data, send = _HANDLER_CANCELLED, wire.send_error
+        if not self.closed:
+            with contextlib.suppress(LocalProtocolError):
+                send(event.channel_id, data)
         # Not written yet: _on_frames writes what every frame of the read queued at once.
+
+    def _arguments(self, spec: MethodSpec, codecs: MethodCodecs, payload: Any) -> list[Any]:
+        """A request's argument values, in declaration order (the stream's place left out).
+
+        Raises:
+            _InvalidArgument: they do not decode into the parameters' types.
+        """
+        try:
+            return list(_decode(codecs.args, payload, self._buffers))
+        except DecodeError as exc:
+            raise _InvalidArgument(f"{spec.qualified_name}: {exc}") from exc
 
     async def _serve_call(self, event: CallReceived, state: _HandlerState) -> None:
         self._runnable -= 1
@@ -938,10 +943,7 @@ class RpcSession:
     ) -> Callable[[], None]:
         assert self._serve is not None
         codecs = _codecs(spec)
-        try:
-            values = list(_decode(codecs.args, event.payload, self._buffers))
-        except DecodeError as exc:
-            raise _InvalidArgument(f"{spec.qualified_name}: {exc}") from exc
+        values = self._arguments(spec, codecs, event.payload)
         if codecs.stream_index is not None:
             assert codecs.request_item is not None
             stream = self._incoming_items(event.channel_id, state, codecs.request_item)

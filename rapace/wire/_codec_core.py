@@ -649,21 +649,25 @@ def _enc_any(v: Any, st: OOB | None) -> object:
     return handler(v, st)
 
 
+# Types an Any value hands back as the type they were sent as.
+_PLAIN_LEAVES: Final[frozenset[type]] = frozenset(
+    {
+        int,
+        float,
+        str,
+        bool,
+        _NoneType,
+        bytes,
+        _dt.datetime,
+        _dt.date,
+        _dt.time,
+        _dt.timedelta,
+        decimal.Decimal,
+        uuid.UUID,
+    }
+)
 # Raw decoded types an Any value hands back unchanged; the numpy helpers add ndarray.
-DEC_LEAF: set[type] = {
-    int,
-    float,
-    str,
-    bool,
-    _NoneType,
-    bytes,
-    _dt.datetime,
-    _dt.date,
-    _dt.time,
-    _dt.timedelta,
-    decimal.Decimal,
-    uuid.UUID,
-}
+DEC_LEAF: set[type] = set(_PLAIN_LEAVES)
 
 
 def _dec_any(o: Any) -> Any:
@@ -689,31 +693,12 @@ def _dec_any(o: Any) -> Any:
     raise Fail(f"unexpected {tname(o)} in the payload")
 
 
-# Types an Any value hands back as the type they were sent as.
-_ANY_EXACT: Final = frozenset(
-    {
-        int,
-        float,
-        str,
-        bool,
-        _NoneType,
-        bytes,
-        _dt.datetime,
-        _dt.date,
-        _dt.time,
-        _dt.timedelta,
-        decimal.Decimal,
-        uuid.UUID,
-    }
-)
-
-
 def _exact_any(v: Any) -> bool:
     # Errs on the side of no: tuples (lists at the top), frozensets (sets), enums (their
     # values), dataclasses (dicts) change on the way, and a no only lets a rival member that
     # keeps the value as it is win over this one.
     t = type(v)
-    if t in _ANY_EXACT:
+    if t in _PLAIN_LEAVES:
         return True
     if t is list or t is set:
         return all(map(_exact_any, v))

@@ -798,61 +798,44 @@ class Session:
         ch = _Channel(cid, True, call_kind, True, _OPEN, window, window, _EMPTY_METADATA)
         channels[cid] = ch
         self._ours_count += 1
-        outbox = self._outbox
-        if checked is None and call_kind is CallKind.UNARY and self._peer_takes_opens:
-            ch.send_open = False
-            msg_id = self._msg_id = self._msg_id + 1
-            desc = _new_tuple(
-                Descriptor,
-                (
-                    msg_id,
-                    cid,
-                    method_id,
-                    SLOT_INLINE,
-                    0,
-                    0,
-                    nbytes,
-                    DATA | EOS | OPENS,
-                    0,
-                    wire_deadline,
-                    _ZERO16,
-                ),
-            )
-            outbox.append(_new_tuple(Frame, (desc, payload)))
-            return cid
-        if checked is None:
-            open_payload = b"\x83" + _cbor_uint(cid) + self._open_tails[call_kind]
-        else:
-            open_payload = encode_control(OpenChannel(cid, call_kind, window, checked))
         if ch.caller_streams:
             flags = DATA
         else:  # the request is the caller's whole direction
             ch.send_open = False
             flags = DATA | EOS
-        # Both frames built inline: this is the per-call path.
+        # The frames built inline: this is the per-call path.
+        outbox = self._outbox
         msg_id = self._msg_id
-        self._msg_id = msg_id + 2
+        if checked is None and call_kind is CallKind.UNARY and self._peer_takes_opens:
+            flags |= OPENS  # the request opens its channel: no OpenChannel frame
+        else:
+            if checked is None:
+                open_payload = b"\x83" + _cbor_uint(cid) + self._open_tails[call_kind]
+            else:
+                open_payload = encode_control(OpenChannel(cid, call_kind, window, checked))
+            msg_id += 1
+            desc = _new_tuple(
+                Descriptor,
+                (
+                    msg_id,
+                    0,
+                    _VERB_OPEN,
+                    SLOT_INLINE,
+                    0,
+                    0,
+                    len(open_payload),
+                    CONTROL,
+                    0,
+                    DEADLINE_NONE,
+                    _ZERO16,
+                ),
+            )
+            outbox.append(_new_tuple(Frame, (desc, open_payload)))
+        msg_id = self._msg_id = msg_id + 1
         desc = _new_tuple(
             Descriptor,
             (
-                msg_id + 1,
-                0,
-                _VERB_OPEN,
-                SLOT_INLINE,
-                0,
-                0,
-                len(open_payload),
-                CONTROL,
-                0,
-                DEADLINE_NONE,
-                _ZERO16,
-            ),
-        )
-        outbox.append(_new_tuple(Frame, (desc, open_payload)))
-        desc = _new_tuple(
-            Descriptor,
-            (
-                msg_id + 2,
+                msg_id,
                 cid,
                 method_id,
                 SLOT_INLINE,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import socket
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
@@ -29,11 +28,9 @@ from rapace._connect import Proxy
 from rapace._inline import SuspendedError, never_suspends, run_to_completion
 from rapace.service import service_spec
 from rapace.session import RpcSession, open_session
-from rapace.streams._abc import Transport
-from rapace.streams._memory import memory_pair
-from rapace.streams._stream_transport import StreamTransport
-from rapace.streams._unix import UnixByteStream
 from rapace.wire import Role
+
+from .transport_pairs import TRANSPORT_PAIRS, Pair
 
 _value: contextvars.ContextVar[str] = contextvars.ContextVar("_value", default="unset")
 
@@ -196,17 +193,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _socket_pair() -> tuple[Transport, Transport]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return StreamTransport(UnixByteStream(a)), StreamTransport(UnixByteStream(b))
-
-
-Pair = Callable[[], tuple[Transport, Transport]]
-
-
-@pytest.fixture(params=["memory", "unix"])
+@pytest.fixture(params=list(TRANSPORT_PAIRS))
 def pair(request: pytest.FixtureRequest) -> Pair:
-    return memory_pair if request.param == "memory" else _socket_pair
+    return TRANSPORT_PAIRS[request.param]
 
 
 @asynccontextmanager

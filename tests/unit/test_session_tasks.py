@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -23,11 +22,10 @@ import rapace
 from rapace._connect import Proxy
 from rapace.service import service_spec
 from rapace.session import RpcSession, _codecs, open_session
-from rapace.streams._abc import Transport
 from rapace.streams._memory import memory_pair
-from rapace.streams._stream_transport import StreamTransport
-from rapace.streams._unix import UnixByteStream
 from rapace.wire import CancelReason, Role, Session
+
+from .transport_pairs import TRANSPORT_PAIRS, Pair
 
 pytestmark = pytest.mark.anyio
 
@@ -111,17 +109,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _socket_pair() -> tuple[StreamTransport, StreamTransport]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return StreamTransport(UnixByteStream(a)), StreamTransport(UnixByteStream(b))
-
-
-Pair = Callable[[], tuple[Transport, Transport]]
-
-
-@pytest.fixture(params=["memory", "unix"])
+@pytest.fixture(params=list(TRANSPORT_PAIRS))
 def pair(request: pytest.FixtureRequest) -> Pair:
-    return memory_pair if request.param == "memory" else _socket_pair
+    return TRANSPORT_PAIRS[request.param]
 
 
 @asynccontextmanager
